@@ -1,0 +1,282 @@
+"""The Lightning adapter: ProsPr pruning at the start of ``Trainer.fit``, with no change to the module.
+
+Everything numeric lives in the engine (:mod:`~lightning_prospr.scores`,
+:mod:`~lightning_prospr.selection`, :mod:`~lightning_prospr.masking`); this module decides where the
+batches come from, which loss is differentiated, how ranks agree, and what goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+
+from lightning_prospr.masking import apply_masks, current_masks, remove_masks
+from lightning_prospr.report import SparsityReport
+from lightning_prospr.scores import _check_hyperparameters, prospr_scores, resolve_parameters
+from lightning_prospr.selection import check_sparsity, global_masks
+
+__all__ = ["ProsprPruningCallback"]
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def _logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` raises in ``on_fit_start``; silence it while ``training_step`` serves as a loss."""
+    pl_module.log = _noop  # type: ignore[method-assign]
+    pl_module.log_dict = _noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+class ProsprPruningCallback(Callback):
+    r"""Prune a LightningModule at initialization with ProsPr, then train it under the masks.
+
+    At ``on_fit_start`` the callback draws batches from the train dataloader the fit uses (a
+    ``LightningDataModule``, the module's own ``train_dataloader``, or loaders passed to ``fit``),
+    moves them with the strategy (your ``transfer_batch_to_device`` runs), runs ``steps`` unrolled
+    SGD steps with your ``training_step`` as the loss, scores each weight by
+    :math:`|\partial L_M / \partial c|` and keeps the global top ``1 - sparsity``. The masks are
+    registered with :func:`torch.nn.utils.prune.custom_from_mask`, so the optimizers from
+    ``configure_optimizers`` keep training the surviving weights and the pruned ones stay exactly 0.
+
+    Args:
+        sparsity: fraction of the scored weights to remove, in [0, 1).
+        steps: inner SGD steps ``M`` of the unroll; ``0`` is SNIP.
+        lr: inner SGD learning rate.
+        momentum: inner SGD momentum (as :class:`torch.optim.SGD`).
+        weight_decay: inner SGD weight decay.
+        first_order: drop the Hessian terms (cheaper in time and memory, for large models).
+        parameters: names (as in ``pl_module.named_parameters()``) of the weights to prune;
+            ``None`` prunes the ``weight`` of every Linear and Conv1d/2d/3d.
+        reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
+            per step (``steps + 1`` batches).
+        verbose: print the per-layer table on rank 0.
+
+    The loss is ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``; ``self.log``
+    calls are ignored during scoring). A module may instead define
+    ``prospr_loss(self, batch, batch_idx) -> Tensor``, which is then used; modules with
+    ``automatic_optimization = False`` must.
+
+    Under DDP, rank ``r`` of ``W`` takes batches ``r, r + W, ...`` of the loader, scores are summed
+    over ranks, and every rank applies rank 0's masks. The masks are saved in the callback's state:
+    resuming with ``fit(ckpt_path=...)`` re-applies them without scoring again, and a second ``fit``
+    with the same callback keeps them (it never prunes twice). Checkpoints hold the effective
+    (masked) ``weight`` tensors, so they load into the plain module without the callback.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ProsprPruningCallback(sparsity=0.9)])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        steps: int = 3,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        first_order: bool = False,
+        parameters: list[str] | None = None,
+        reuse_batch: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        check_sparsity(sparsity)
+        _check_hyperparameters(steps, lr, momentum, weight_decay)
+        if parameters is not None and (isinstance(parameters, str) or not parameters):
+            raise ValueError(
+                f"`parameters` must be a non-empty list of parameter names or None, got {parameters!r}."
+            )
+        self.sparsity = float(sparsity)
+        self.steps = steps
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.first_order = bool(first_order)
+        self.parameters = list(parameters) if parameters is not None else None
+        self.reuse_batch = bool(reuse_batch)
+        self.verbose = bool(verbose)
+        self._masks: dict[str, Tensor] | None = None
+        self.report: SparsityReport | None = None
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def masks(self) -> dict[str, Tensor] | None:
+        """The keep-masks (``{parameter name: bool tensor}``) once computed or restored, else None."""
+        return self._masks
+
+    @property
+    def method(self) -> str:
+        """A short description of the scoring run, e.g. ``"ProsPr M=3, lr=0.1, full"``."""
+        if self.steps == 0:
+            return "SNIP (M=0)"
+        order = "first-order" if self.first_order else "full"
+        return f"ProsPr M={self.steps}, lr={self.lr:g}, {order}"
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A second fit (or a resume into a model pruned earlier in this process): take our
+        # re-parametrization off so checkpoints with plain weights load; on_fit_start puts it back.
+        if stage == "fit" and self._masks is not None:
+            remove_masks(pl_module, list(self._masks))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._masks is None:
+            self._masks = self._compute_masks(trainer, pl_module)
+        else:
+            self._check_restored(pl_module)
+            if self.report is None:
+                self.report = SparsityReport.from_masks(self._masks, method=f"{self.method}, restored")
+        device = next(pl_module.parameters()).device
+        apply_masks(pl_module, {n: m.to(device) for n, m in self._masks.items()})
+        self._report(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Store each pruned weight as its effective ``weight`` so the checkpoint loads anywhere."""
+        state = checkpoint.get("state_dict")
+        if state is None or self._masks is None:
+            return
+        for name in self._masks:
+            orig, mask = state.pop(f"{name}_orig", None), state.pop(f"{name}_mask", None)
+            if orig is not None and mask is not None:
+                state[name] = orig * mask
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._masks is None:
+            return {}
+        return {"masks": {n: m.detach().cpu() for n, m in self._masks.items()}, "sparsity": self.sparsity}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "masks" in state_dict:
+            self._masks = {n: m.bool() for n, m in state_dict["masks"].items()}
+            self.report = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_restored(self, pl_module: pl.LightningModule) -> None:
+        assert self._masks is not None
+        named = dict(pl_module.named_parameters())
+        missing = [n for n in self._masks if n not in named]
+        if missing:
+            raise MisconfigurationException(
+                f"ProsprPruningCallback restored masks for {missing}, which this module does not have "
+                "as parameters; resume with the same model architecture as the checkpoint."
+            )
+
+    def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        names = resolve_parameters(pl_module, self.parameters)
+        custom = getattr(pl_module, "prospr_loss", None)
+        if custom is None and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(pl_module).__name__} uses manual optimization (automatic_optimization = False), "
+                "so its training_step cannot serve as the ProsPr loss: define "
+                "`prospr_loss(self, batch, batch_idx) -> Tensor` on the module."
+            )
+        start = time.perf_counter()
+        with isolate_rng(include_cuda=True):
+            batches = self._draw_batches(trainer, pl_module)
+            precision = trainer.precision_plugin
+
+            def loss_fn(model: pl.LightningModule, item: tuple[int, Any]) -> Tensor:
+                batch_idx, batch = item
+                with precision.train_step_context():
+                    if custom is not None:
+                        out = model.prospr_loss(batch, batch_idx)
+                    else:
+                        out = model.training_step(batch, batch_idx)
+                if isinstance(out, Mapping):
+                    if "loss" not in out:
+                        raise MisconfigurationException(
+                            f"training_step returned a dict without a 'loss' key (keys: {list(out)}); "
+                            "return the loss under 'loss' or define prospr_loss on the module."
+                        )
+                    out = out["loss"]
+                return out
+
+            with _logging_disabled(pl_module):
+                scores = prospr_scores(
+                    pl_module,
+                    loss_fn,
+                    batches,
+                    steps=self.steps,
+                    lr=self.lr,
+                    momentum=self.momentum,
+                    weight_decay=self.weight_decay,
+                    first_order=self.first_order,
+                    parameters=names,
+                )
+        if trainer.world_size > 1:
+            scores = {n: trainer.strategy.reduce(s, reduce_op="sum") for n, s in scores.items()}
+        masks = global_masks(scores, self.sparsity)
+        if trainer.world_size > 1:
+            masks = trainer.strategy.broadcast(masks, src=0)
+        self.report = SparsityReport.from_masks(masks, time.perf_counter() - start, self.method)
+        return masks
+
+    def _draw_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[int, Any]]:
+        """``steps + 1`` (or 1 with ``reuse_batch``) batches for this rank, moved to the device."""
+        loader = _train_dataloader(trainer)
+        count = 1 if self.reuse_batch else self.steps + 1
+        rank, world = trainer.global_rank, trainer.world_size
+        raw = list(itertools.islice(_iter_batches(loader), rank, rank + world * count, world))
+        if not raw:
+            raise MisconfigurationException(
+                f"The train dataloader gave no batch for ProsPr scoring on rank {rank}; it needs "
+                f"at least {world} batch(es) ({count} per rank wanted; fewer are cycled)."
+            )
+        moved = []
+        for i in range(count):
+            batch = raw[i % len(raw)]
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            moved.append((i, batch))
+        return moved
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        assert self.report is not None
+        if self.verbose:
+            rank_zero_info(self.report.table())
+        for logger in trainer.loggers:
+            logger.log_metrics(self.report.metrics(), step=trainer.global_step)
+
+
+def _train_dataloader(trainer: pl.Trainer) -> Any:
+    """The train dataloader(s) of whichever source this fit uses (datamodule, module or ``fit`` arg)."""
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        raise MisconfigurationException(
+            "ProsprPruningCallback found no train dataloader: pass `train_dataloaders` or a "
+            "`datamodule` to `Trainer.fit`, or define `train_dataloader` on the module."
+        )
+    return source.dataloader()
+
+
+def _iter_batches(loader: Any) -> Iterable[Any]:
+    """Batches of a loader, or of a collection of loaders combined the way the fit loop does."""
+    if isinstance(loader, (Mapping, list, tuple)):
+        combined = CombinedLoader(loader, mode="max_size_cycle")
+        return (batch for batch, _, _ in combined)
+    return loader

@@ -1,0 +1,101 @@
+"""Masks <-> :mod:`torch.nn.utils.prune`: apply, read back, take off, make permanent.
+
+A weight ``"layer.weight"`` pruned here carries the usual re-parametrization: the original
+``Parameter`` moves to ``layer.weight_orig`` (same object, so optimizers built earlier keep
+training it), a float buffer ``layer.weight_mask`` holds the mask, and a forward pre-hook sets
+``layer.weight = weight_orig * weight_mask`` before every forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+__all__ = ["apply_masks", "current_masks", "make_permanent", "remove_masks", "split_name"]
+
+
+def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``"block.0.weight"`` -> (the ``block.0`` submodule, ``"weight"``)."""
+    module_name, _, attr = name.rpartition(".")
+    return model.get_submodule(module_name), attr
+
+
+def _hook(module: nn.Module, attr: str) -> prune.BasePruningMethod | None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == attr:
+            return hook
+        if isinstance(hook, prune.PruningContainer) and hook._tensor_name == attr:
+            return hook
+    return None
+
+
+def is_masked(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` carries a :mod:`torch.nn.utils.prune` re-parametrization."""
+    module, attr = split_name(model, name)
+    return _hook(module, attr) is not None
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Register each keep-mask with :func:`torch.nn.utils.prune.custom_from_mask`.
+
+    The effective weight becomes ``weight_orig * mask`` from the next forward on, and the
+    ``weight`` attribute is updated at once. A weight that is already pruned gets the masks
+    composed (multiplied) by ``torch.nn.utils.prune``'s container.
+    """
+    for name, mask in masks.items():
+        module, attr = split_name(model, name)
+        param = getattr(module, f"{attr}_orig", None)
+        if param is None:
+            param = getattr(module, attr)
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has "
+                f"{tuple(param.shape)}; masks must come from the same model."
+            )
+        prune.custom_from_mask(module, attr, mask.to(device=param.device, dtype=param.dtype))
+
+
+def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
+    """The keep-masks registered on ``model`` (``{name: bool tensor}``), for ``names`` or all."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for buffer_name, buf in module.named_buffers(recurse=False):
+            if buffer_name.endswith("_mask") and _hook(module, buffer_name[: -len("_mask")]):
+                attr = buffer_name[: -len("_mask")]
+                name = f"{module_name}.{attr}" if module_name else attr
+                found[name] = buf.detach() != 0
+    if names is not None:
+        return {n: found[n] for n in names if n in found}
+    return found
+
+
+def remove_masks(model: nn.Module, names: list[str]) -> None:
+    """Bake the masks into the weights and restore plain ``weight`` parameters.
+
+    Same ``Parameter`` object as before pruning, so optimizers keep working. Names without a
+    re-parametrization are skipped.
+    """
+    for name in names:
+        module, attr = split_name(model, name)
+        if _hook(module, attr) is not None:
+            prune.remove(module, attr)
+
+
+def make_permanent(model: nn.Module) -> list[str]:
+    """Remove every pruning re-parametrization on ``model``, keeping the zeros; returns the names."""
+    names = list(current_masks(model))
+    remove_masks(model, names)
+    return names
+
+
+@torch.no_grad()
+def effective_weight(model: nn.Module, name: str) -> Tensor:
+    """The weight as the forward pass sees it (``weight_orig * weight_mask`` when pruned)."""
+    module, attr = split_name(model, name)
+    orig = getattr(module, f"{attr}_orig", None)
+    if orig is None:
+        return getattr(module, attr).detach()
+    return orig.detach() * getattr(module, f"{attr}_mask")

@@ -1,0 +1,88 @@
+"""Per-layer sparsity: a summary that prints as an aligned table and flattens into logger metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["LayerSparsity", "SparsityReport"]
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """Kept and total weights of one pruned tensor."""
+
+    name: str
+    kept: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        """Fraction kept."""
+        return self.kept / self.total if self.total else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction removed."""
+        return 1.0 - self.density
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """What a pruning run did: per-layer counts, how long scoring took, and how it was scored."""
+
+    layers: tuple[LayerSparsity, ...]
+    seconds: float = 0.0
+    method: str = ""
+
+    @classmethod
+    def from_masks(
+        cls, masks: Mapping[str, Tensor], seconds: float = 0.0, method: str = ""
+    ) -> SparsityReport:
+        """Count kept weights in ``{name: bool mask}``."""
+        layers = tuple(
+            LayerSparsity(name, int(mask.count_nonzero()), mask.numel()) for name, mask in masks.items()
+        )
+        return cls(layers, seconds, method)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Global fraction removed over all pruned tensors."""
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    def metrics(self, prefix: str = "prospr") -> dict[str, float]:
+        """Flat metrics for loggers: global and per-layer sparsity, and scoring seconds."""
+        out = {f"{prefix}/sparsity": self.sparsity, f"{prefix}/scoring_seconds": self.seconds}
+        out.update({f"{prefix}/sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+        return out
+
+    def table(self) -> str:
+        """An aligned, human-readable table with a totals row."""
+        header = ("", "Layer", "Kept", "Total", "Density")
+        rows = [
+            (str(i), layer.name, f"{layer.kept:,}", f"{layer.total:,}", f"{100 * layer.density:.2f} %")
+            for i, layer in enumerate(self.layers)
+        ]
+        total_row = ("", "Total", f"{self.kept:,}", f"{self.total:,}", f"{100 * (1 - self.sparsity):.2f} %")
+        widths = [max(len(r[c]) for r in (header, *rows, total_row)) for c in range(len(header))]
+        right = {2, 3, 4}
+
+        def fmt(row: tuple[str, ...]) -> str:
+            cells = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+            return " | ".join(cells).rstrip()
+
+        line = "-" * len(fmt(header))
+        title = f"ProsPr pruning{f' ({self.method})' if self.method else ''}"
+        lines = [title, fmt(header), line, *map(fmt, rows), line, fmt(total_row)]
+        lines.append(f"Global sparsity: {100 * self.sparsity:.2f} %   Scoring time: {self.seconds:.2f} s")
+        return "\n".join(lines)
