@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -22,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lightning_prospr.masking import apply_masks, current_masks, remove_masks
+from lightning_prospr.masking import apply_masks, remove_masks
 from lightning_prospr.report import SparsityReport
 from lightning_prospr.scores import _check_hyperparameters, prospr_scores, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks
@@ -199,7 +198,7 @@ class ProsprPruningCallback(Callback):
             batches = self._draw_batches(trainer, pl_module)
             precision = trainer.precision_plugin
 
-            def loss_fn(model: pl.LightningModule, item: tuple[int, Any]) -> Tensor:
+            def loss_fn(model: Any, item: tuple[int, Any]) -> Tensor:
                 batch_idx, batch = item
                 with precision.train_step_context():
                     if custom is not None:

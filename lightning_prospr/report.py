@@ -78,7 +78,10 @@ class SparsityReport:
         right = {2, 3, 4}
 
         def fmt(row: tuple[str, ...]) -> str:
-            cells = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+            cells = [
+                cell.rjust(w) if c in right else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ]
             return " | ".join(cells).rstrip()
 
         line = "-" * len(fmt(header))

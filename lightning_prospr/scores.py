@@ -177,12 +177,8 @@ def prospr_scores(
         model.train()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         loss = StatelessLoss(model, loss_fn, buffers)
-        masks = {
-            n: torch.ones_like(named[n], requires_grad=not first_order) for n in names
-        }
-        start = {
-n: p.detach().requires_grad_(n in trainable or n in masks) for n, p in named.items()
-        }
+        masks = {n: torch.ones_like(named[n], requires_grad=not first_order) for n in names}
+        start = {n: p.detach().requires_grad_(n in trainable or n in masks) for n, p in named.items()}
         if not first_order:
             for n in names:
                 start[n] = masks[n] * named[n].detach()
@@ -201,14 +197,16 @@ n: p.detach().requires_grad_(n in trainable or n in masks) for n, p in named.ite
             grads = torch.autograd.grad(last, [final[n] for n in names], allow_unused=True)
             raw = [
                 named[n].detach() * (g if g is not None else torch.zeros_like(named[n]))
-                for n, g in zip(names, grads)
+                for n, g in zip(names, grads, strict=True)
             ]
         else:
             grads = torch.autograd.grad(last, [masks[n] for n in names], allow_unused=True)
-            raw = [g if g is not None else torch.zeros_like(named[n]) for n, g in zip(names, grads)]
+            raw = [
+                g if g is not None else torch.zeros_like(named[n]) for n, g in zip(names, grads, strict=True)
+            ]
         del last, final, start, loss, buffers
     scores = {}
-    for name, r in zip(names, raw):
+    for name, r in zip(names, raw, strict=True):
         score = r.detach().abs()
         if score.dtype in (torch.float16, torch.bfloat16):
             score = score.float()

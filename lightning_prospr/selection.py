@@ -18,7 +18,7 @@ def pruned_count(sparsity: float, total: int) -> int:
     weights removes 2). The product is rounded first to 9 decimals so that binary noise such as
     ``0.9 * 10 = 9.000000000000002`` cannot tip a count.
     """
-    return int(round(round(sparsity * total, 9)))
+    return round(round(sparsity * total, 9))
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> None:

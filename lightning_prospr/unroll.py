@@ -111,9 +111,7 @@ def _context(step: int, total: int, what: str) -> Iterator[None]:
     except torch.OutOfMemoryError:
         raise
     except Exception as err:
-        raise UnrollError(
-            f"{type(err).__name__} raised by the loss {where}: {err}"
-        ) from err
+        raise UnrollError(f"{type(err).__name__} raised by the loss {where}: {err}") from err
 
 
 def evaluate_loss(
@@ -159,7 +157,7 @@ def sgd_unroll(
         grads = torch.autograd.grad(
             value, [params[n] for n in trainable], create_graph=create_graph, allow_unused=True
         )
-        for name, grad in zip(trainable, grads):
+        for name, grad in zip(trainable, grads, strict=True):
             w = params[name]
             if grad is None:  # the loss does not depend on this tensor
                 grad = torch.zeros_like(w)

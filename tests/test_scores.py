@@ -41,7 +41,10 @@ def make_batches(model_kind: str, count: int, seed: int = 0) -> list[tuple[torch
     gen = torch.Generator().manual_seed(seed)
     shape = (8, 5) if model_kind == "mlp" else (6, 2, 5, 5)
     return [
-        (torch.randn(shape, generator=gen, dtype=torch.float64), torch.randint(0, 3, (shape[0],), generator=gen))
+        (
+            torch.randn(shape, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (shape[0],), generator=gen),
+        )
         for _ in range(count)
     ]
 
@@ -100,8 +103,9 @@ def test_full_mode_matches_finite_differences(kind, momentum):
     print(f"{kind} momentum={momentum}: max relative error {err:.2e}")
     assert err < 1e-5
     # The meta-gradient is genuinely second order: it differs from the first-order one.
-    first = prospr_scores(model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd,
-                          first_order=True)
+    first = prospr_scores(
+        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, first_order=True
+    )
     assert max_relative_error(first, reference) > 1e-3
 
 
@@ -125,8 +129,9 @@ def test_first_order_matches_closed_form(momentum):
     ce_loss(net, batches[steps]).backward()
     expected = {n: (theta0[n] * p.grad).abs() for n, p in net.named_parameters() if n in names}
 
-    scores = prospr_scores(model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd,
-                           first_order=True)
+    scores = prospr_scores(
+        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, first_order=True
+    )
     assert max_relative_error(scores, expected) < 1e-10
 
 

@@ -1,0 +1,92 @@
+"""Scoring leaves the model exactly as it was, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prospr import prospr_scores
+from lightning_prospr.unroll import UnrollError
+
+F = nn.functional
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.frozen(self.fc(h.flatten(1)))
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def snapshot(model):
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_same(before, after):
+    for key in ("params", "buffers", "grads"):
+        for name, value in before[key].items():
+            other = after[key][name]
+            if value is None:
+                assert other is None, (key, name)
+            else:
+                assert torch.equal(value, other), (key, name)
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert torch.equal(before["rng"], after["rng"])
+
+
+def prepared_model():
+    torch.manual_seed(0)
+    model = Net()
+    model(torch.randn(2, 1, 6, 6)).sum().backward()  # some .grad fields set
+    model.fc.eval()  # a mixed train/eval state
+    return model
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_model_untouched_bit_for_bit(first_order):
+    model = prepared_model()
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    before = snapshot(model)
+    scores = prospr_scores(model, loss_fn, batches, steps=3, momentum=0.9, first_order=first_order)
+    assert_same(before, snapshot(model))
+    # The default set includes the frozen Linear's weight; it is scored but never updated.
+    assert set(scores) == {"conv.weight", "fc.weight", "frozen.weight"}
+
+
+def test_model_untouched_when_the_loss_fails_part_way():
+    model = prepared_model()
+    batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+    calls = []
+
+    def failing(m, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return loss_fn(m, batch)
+
+    before = snapshot(model)
+    with pytest.raises(UnrollError, match=r"RuntimeError raised by the loss at inner step 2 of 3.*boom"):
+        prospr_scores(model, failing, batches, steps=3)
+    assert_same(before, snapshot(model))
