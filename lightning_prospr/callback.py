@@ -14,23 +14,39 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lightning_prospr.masking import apply_masks, remove_masks
+from lightning_prospr.masking import apply_masks, current_masks, remove_masks
 from lightning_prospr.report import SparsityReport
 from lightning_prospr.scores import _check_hyperparameters, prospr_scores, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks
+from lightning_prospr.unroll import UnrollError, check_loss
 
 __all__ = ["ProsprPruningCallback"]
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+@contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Python, NumPy and torch (CPU and CUDA) RNG states restored on exit, also on an exception.
+
+    (Lightning's ``isolate_rng`` does not restore them when the body raises.) Drawing batches
+    needs this too: every DataLoader iterator draws its base seed from the global torch RNG.
+    """
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    try:
+        yield
+    finally:
+        _set_rng_states(states)
 
 
 @contextmanager
@@ -186,6 +202,7 @@ class ProsprPruningCallback(Callback):
 
     def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         names = resolve_parameters(pl_module, self.parameters)
+        within = current_masks(pl_module, names)  # masks the module carried already: nest inside them
         custom = getattr(pl_module, "prospr_loss", None)
         if custom is None and not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -194,7 +211,7 @@ class ProsprPruningCallback(Callback):
                 "`prospr_loss(self, batch, batch_idx) -> Tensor` on the module."
             )
         start = time.perf_counter()
-        with isolate_rng(include_cuda=True):
+        with _isolated_rng():
             batches = self._draw_batches(trainer, pl_module)
             precision = trainer.precision_plugin
 
@@ -205,14 +222,22 @@ class ProsprPruningCallback(Callback):
                         out = model.prospr_loss(batch, batch_idx)
                     else:
                         out = model.training_step(batch, batch_idx)
+                source = "prospr_loss" if custom is not None else "training_step"
                 if isinstance(out, Mapping):
                     if "loss" not in out:
-                        raise MisconfigurationException(
-                            f"training_step returned a dict without a 'loss' key (keys: {list(out)}); "
-                            "return the loss under 'loss' or define prospr_loss on the module."
+                        raise UnrollError(
+                            f"{source} returned a dict without a 'loss' key (keys: {list(out)}) on "
+                            f"batch {batch_idx} of ProsPr scoring; return the loss under 'loss' or define "
+                            "`prospr_loss(self, batch, batch_idx)` on the module."
                         )
                     out = out["loss"]
-                return out
+                if out is None:
+                    raise UnrollError(
+                        f"{source} returned None on batch {batch_idx} of ProsPr scoring, so there is no "
+                        "loss to differentiate; make it return the loss for every batch, or define "
+                        "`prospr_loss(self, batch, batch_idx)` on the module."
+                    )
+                return check_loss(out, f"on batch {batch_idx} of ProsPr scoring", source=source)
 
             with _logging_disabled(pl_module):
                 scores = prospr_scores(
@@ -228,7 +253,7 @@ class ProsprPruningCallback(Callback):
                 )
         if trainer.world_size > 1:
             scores = {n: trainer.strategy.reduce(s, reduce_op="sum") for n, s in scores.items()}
-        masks = global_masks(scores, self.sparsity)
+        masks = global_masks(scores, self.sparsity, within=within)
         if trainer.world_size > 1:
             masks = trainer.strategy.broadcast(masks, src=0)
         self.report = SparsityReport.from_masks(masks, time.perf_counter() - start, self.method)

@@ -32,30 +32,38 @@ def _hook(module: nn.Module, attr: str) -> prune.BasePruningMethod | None:
     return None
 
 
-def is_masked(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` carries a :mod:`torch.nn.utils.prune` re-parametrization."""
+def _aliases(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) that holds the same Parameter as ``name`` (tied weights)."""
     module, attr = split_name(model, name)
-    return _hook(module, attr) is not None
+    param = module._parameters.get(f"{attr}_orig", module._parameters.get(attr))
+    if param is None:
+        raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}.")
+    found = []
+    for mod in model.modules():
+        for key, value in mod._parameters.items():
+            if value is param:
+                found.append((mod, key.removesuffix("_orig")))
+    return found
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Register each keep-mask with :func:`torch.nn.utils.prune.custom_from_mask`.
 
     The effective weight becomes ``weight_orig * mask`` from the next forward on, and the
-    ``weight`` attribute is updated at once. A weight that is already pruned gets the masks
-    composed (multiplied) by ``torch.nn.utils.prune``'s container.
+    ``weight`` attribute is updated at once. A weight shared by several modules (tied weights) is
+    masked in each of them. A weight that is already pruned gets the masks composed (multiplied)
+    by ``torch.nn.utils.prune``'s container.
     """
     for name, mask in masks.items():
-        module, attr = split_name(model, name)
-        param = getattr(module, f"{attr}_orig", None)
-        if param is None:
-            param = getattr(module, attr)
-        if tuple(mask.shape) != tuple(param.shape):
-            raise ValueError(
-                f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has "
-                f"{tuple(param.shape)}; masks must come from the same model."
-            )
-        prune.custom_from_mask(module, attr, mask.to(device=param.device, dtype=param.dtype))
+        for module, attr in _aliases(model, name):
+            param = module._parameters.get(f"{attr}_orig", module._parameters.get(attr))
+            assert param is not None
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has "
+                    f"{tuple(param.shape)}; masks must come from the same model."
+                )
+            prune.custom_from_mask(module, attr, mask.to(device=param.device, dtype=param.dtype))
 
 
 def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
@@ -76,12 +84,12 @@ def remove_masks(model: nn.Module, names: list[str]) -> None:
     """Bake the masks into the weights and restore plain ``weight`` parameters.
 
     Same ``Parameter`` object as before pruning, so optimizers keep working. Names without a
-    re-parametrization are skipped.
+    re-parametrization are skipped; tied weights are restored in every module that shares them.
     """
     for name in names:
-        module, attr = split_name(model, name)
-        if _hook(module, attr) is not None:
-            prune.remove(module, attr)
+        for module, attr in _aliases(model, name):
+            if _hook(module, attr) is not None:
+                prune.remove(module, attr)
 
 
 def make_permanent(model: nn.Module) -> list[str]:

@@ -17,14 +17,16 @@ SNIP, :math:`|\\theta_0 \\odot \\nabla_\\theta L(\\theta_0; b_0)|`.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, evaluate_loss, sgd_unroll
 
@@ -35,17 +37,25 @@ DEFAULT_SCORED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Co
 
 
 def default_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the weights scored by default: the ``weight`` of every Linear and Conv1d/2d/3d.
+    """Names of the weights scored by default: the trainable ``weight`` of every Linear and Conv1d/2d/3d.
 
-    A weight shared by several modules (tied weights) is listed once, under the first name
-    :meth:`torch.nn.Module.named_parameters` gives it.
+    Frozen weights (``requires_grad=False``) are left out; name them in ``parameters`` to score them.
+    A weight shared by several modules (tied weights) is listed once, under its first name. A weight
+    that already carries a :mod:`torch.nn.utils.prune` mask is listed under its plain name
+    (``"fc.weight"``, not ``"fc.weight_orig"``).
     """
-    wanted = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, DEFAULT_SCORED_TYPES) and isinstance(getattr(m, "weight", None), Tensor)
-    }
-    return [name for name, p in model.named_parameters() if id(p) in wanted]
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    names: list[str] = []
+    for module in model.modules():
+        if not isinstance(module, DEFAULT_SCORED_TYPES):
+            continue
+        param = getattr(module, "weight_orig", None)
+        if not isinstance(param, nn.Parameter):
+            param = getattr(module, "weight", None)
+        if isinstance(param, nn.Parameter) and param.requires_grad:
+            names.append(canonical[id(param)])
+    order = list(canonical.values())  # named_parameters() order, each tensor once
+    return [name.removesuffix("_orig") for name in sorted(set(names), key=order.index)]
 
 
 def take_batches(batches: Iterable[Any], count: int) -> list[Any]:
@@ -77,38 +87,53 @@ def _check_hyperparameters(steps: int, lr: float, momentum: float, weight_decay:
 
 
 def resolve_parameters(model: nn.Module, parameters: Sequence[str] | None) -> list[str]:
-    """Check ``parameters`` against the model (or pick the default set) and return the names."""
-    named = dict(model.named_parameters())
+    """Check ``parameters`` against the model (or pick the default set) and return the names.
+
+    A name may be given plainly (``"fc.weight"``) for a weight that carries a
+    :mod:`torch.nn.utils.prune` re-parametrization (``fc.weight_orig`` and ``fc.weight_mask``).
+    """
     if parameters is None:
         names = default_parameter_names(model)
         if not names:
             raise ValueError(
-                f"{type(model).__name__} has no Linear or Conv1d/2d/3d weight to prune: pass "
+                f"{type(model).__name__} has no trainable Linear or Conv1d/2d/3d weight to prune: pass "
                 "`parameters` with the names (from model.named_parameters()) of the weights to score."
             )
         return names
     if isinstance(parameters, str):
         raise TypeError(f"`parameters` must be a list of names, not a string: use [{parameters!r}].")
-    names = list(dict.fromkeys(parameters))
+    names = [n[: -len("_orig")] if n.endswith("_orig") else n for n in dict.fromkeys(parameters)]
     if not names:
         raise ValueError("`parameters` is empty: pass None for the default set, or some names.")
-    unknown = [n for n in names if n not in named]
+    named = dict(model.named_parameters())
+    unknown = [n for n in names if n not in named and f"{n}_orig" not in named]
     if unknown:
-        pruned = [n for n in unknown if f"{n}_orig" in named]
-        hint = (
-            f" {pruned} already carry a torch.nn.utils.prune re-parametrization: score "
-            "before pruning, or call torch.nn.utils.prune.remove first."
-            if pruned
-            else f" Known names include {list(named)[:8]}."
+        raise ValueError(
+            f"`parameters` names {unknown}, which are not parameters of {type(model).__name__}. "
+            f"Known names include {list(named)[:8]}."
         )
-        raise ValueError(f"`parameters` names {unknown}, which are not parameters of the model.{hint}")
     return names
+
+
+def parameter_key(named: Mapping[str, Tensor], name: str) -> str:
+    """The key of weight ``name`` in ``named_parameters()``: ``name`` or, when pruned, ``name + "_orig"``."""
+    return name if name in named else f"{name}_orig"
 
 
 @contextmanager
 def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Restore train/eval flags and the global RNG (CPU, and CUDA where used) on exit."""
+    """Restore train/eval flags, pruned ``weight`` attributes and the global RNG on exit.
+
+    A :mod:`torch.nn.utils.prune` hook writes ``module.weight = weight_orig * weight_mask`` on every
+    forward, also a stateless one, so those plain attributes are put back too.
+    """
     flags = [(m, m.training) for m in model.modules()]
+    derived = [
+        (m, hook._tensor_name, getattr(m, hook._tensor_name, None))
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, (prune.BasePruningMethod, prune.PruningContainer))
+    ]
     cuda_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
@@ -116,6 +141,8 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
+        for module, attr, value in derived:
+            setattr(module, attr, value)
 
 
 def prospr_scores(
@@ -169,44 +196,30 @@ def prospr_scores(
     _check_hyperparameters(steps, lr, momentum, weight_decay)
     names = resolve_parameters(model, parameters)
     drawn = take_batches(batches, steps + 1)
-
     named = dict(model.named_parameters())
-    device = named[names[0]].device
-    trainable = [n for n, p in named.items() if p.requires_grad]
-    with preserved_state(model, device), torch.enable_grad():
-        model.train()
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        loss = StatelessLoss(model, loss_fn, buffers)
-        masks = {n: torch.ones_like(named[n], requires_grad=not first_order) for n in names}
-        start = {n: p.detach().requires_grad_(n in trainable or n in masks) for n, p in named.items()}
-        if not first_order:
-            for n in names:
-                start[n] = masks[n] * named[n].detach()
-        final = sgd_unroll(
-            loss,
-            start,
-            trainable,
-            drawn[:steps],
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            create_graph=not first_order,
+    keys = {n: parameter_key(named, n) for n in names}
+    device = named[keys[names[0]]].device
+    out_of_memory = None
+    try:
+        with preserved_state(model, device), torch.enable_grad():
+            raw = _meta_gradients(
+                model, loss_fn, drawn, named, keys, steps, lr, momentum, weight_decay, first_order
+            )
+    except torch.OutOfMemoryError as err:
+        out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone
+    if out_of_memory is not None:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise torch.OutOfMemoryError(
+            f"Out of memory while scoring {len(names)} tensors with M={steps} unrolled steps "
+            f"({'first-order' if first_order else 'full'} mode). Everything the unroll held has been "
+            "freed and the model is unchanged. Try, in this order: first_order=True (memory of about "
+            "one training step per inner step, no second-order graph), fewer `steps`, or a smaller "
+            f"scoring batch. Original error: {out_of_memory}"
         )
-        last = evaluate_loss(loss, final, drawn[steps], steps, steps)
-        if first_order:
-            grads = torch.autograd.grad(last, [final[n] for n in names], allow_unused=True)
-            raw = [
-                named[n].detach() * (g if g is not None else torch.zeros_like(named[n]))
-                for n, g in zip(names, grads, strict=True)
-            ]
-        else:
-            grads = torch.autograd.grad(last, [masks[n] for n in names], allow_unused=True)
-            raw = [
-                g if g is not None else torch.zeros_like(named[n]) for n, g in zip(names, grads, strict=True)
-            ]
-        del last, final, start, loss, buffers
     scores = {}
-    for name, r in zip(names, raw, strict=True):
+    for name, r in raw.items():
         score = r.detach().abs()
         if score.dtype in (torch.float16, torch.bfloat16):
             score = score.float()
@@ -217,3 +230,51 @@ def prospr_scores(
             )
         scores[name] = score
     return scores
+
+
+def _meta_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    drawn: list[Any],
+    named: dict[str, nn.Parameter],
+    keys: dict[str, str],
+    steps: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    first_order: bool,
+) -> dict[str, Tensor]:
+    """d L_M / d c for each scored weight (signed, not yet reduced); see :func:`prospr_scores`."""
+    model.train()
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    scored = set(keys.values())
+    loss = StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()})
+    # The starting point shares storage with the model's parameters: no copy, never written to.
+    start = {n: p.detach().requires_grad_(n in trainable or n in scored) for n, p in named.items()}
+    masks = {}
+    if not first_order:
+        for name, key in keys.items():
+            masks[name] = torch.ones_like(named[key], requires_grad=True)
+            start[key] = masks[name] * named[key].detach()
+    final = sgd_unroll(
+        loss,
+        start,
+        trainable,
+        drawn[:steps],
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        create_graph=not first_order,
+    )
+    last = evaluate_loss(loss, final, drawn[steps], steps, steps)
+    if first_order:  # closed form: theta_0 * grad L(w_M), i.e. d w_M / d w_0 taken as the identity
+        inputs = [final[key] for key in keys.values()]
+    else:
+        inputs = [masks[name] for name in keys]
+    grads = torch.autograd.grad(last, inputs, allow_unused=True)
+    out = {}
+    for (name, key), grad in zip(keys.items(), grads, strict=True):
+        theta = named[key].detach()
+        grad = torch.zeros_like(theta) if grad is None else grad
+        out[name] = theta * grad if first_order else grad
+    return out

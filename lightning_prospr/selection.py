@@ -32,13 +32,18 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
         )
 
 
-def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+def global_masks(
+    scores: Mapping[str, Tensor], sparsity: float, within: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """Keep the highest scores over all tensors together, removing exactly ``round(sparsity * N)``.
 
     Args:
         scores: ``{name: scores}`` as returned by :func:`~lightning_prospr.prospr_scores`; higher
             means more important. NaN scores are refused.
         sparsity: the fraction of all ``N`` scored weights to remove, in [0, 1).
+        within: optional existing keep-masks (``{name: bool tensor}``, for some or all names).
+            Weights outside them stay removed and count towards ``sparsity``, so the new masks nest
+            inside the old ones (a model pruned before, or an earlier round of an iterative schedule).
 
     Ties are broken deterministically: among equal scores, the weight that comes first in the
     concatenation of the flattened tensors (in the mapping's order) is removed first.
@@ -54,6 +59,23 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
         bad = [n for n, s in scores.items() if torch.isnan(s).any()]
         raise ValueError(f"scores of {bad} contain NaN; refusing to select masks from them.")
     removed = pruned_count(sparsity, flat.numel())
+    if within:
+        allowed = torch.cat(
+            [
+                within[n].reshape(-1).to(flat.device, torch.bool)
+                if n in within
+                else torch.ones_like(s.reshape(-1), dtype=torch.bool, device=flat.device)
+                for n, s in scores.items()
+            ]
+        )
+        already = int((~allowed).sum())
+        if already > removed:
+            raise ValueError(
+                f"{already} of {flat.numel()} weights ({100 * already / flat.numel():.2f} %) are already "
+                f"pruned, more than `sparsity`={sparsity} removes; ask for a sparsity of at least "
+                f"{already / flat.numel():.4f}."
+            )
+        flat = flat.masked_fill(~allowed, -math.inf)
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if removed:
         order = torch.sort(flat, stable=True).indices

@@ -70,30 +70,30 @@ class StatelessLoss:
         return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 
-def check_loss(loss: Any, where: str) -> Tensor:
-    """Validate that ``loss`` is a finite scalar tensor that has a gradient path."""
+def check_loss(loss: Any, where: str, source: str = "loss_fn") -> Tensor:
+    """Validate that ``loss`` (returned by ``source``) is a finite scalar tensor with a gradient path."""
     if loss is None:
         raise UnrollError(
-            f"loss_fn returned None {where}; it must return a scalar loss tensor "
+            f"{source} returned None {where}; it must return a scalar loss tensor "
             "(a training_step that skips the batch cannot be used for scoring)."
         )
     if not isinstance(loss, Tensor):
         raise UnrollError(
-            f"loss_fn returned {type(loss).__name__} {where}; it must return a scalar loss tensor."
+            f"{source} returned {type(loss).__name__} {where}; it must return a scalar loss tensor."
         )
     if loss.numel() != 1:
         raise UnrollError(
-            f"loss_fn returned a tensor of shape {tuple(loss.shape)} {where}; it must be a scalar "
+            f"{source} returned a tensor of shape {tuple(loss.shape)} {where}; it must be a scalar "
             "(reduce it, e.g. with .mean())."
         )
     if not loss.requires_grad:
         raise UnrollError(
-            f"loss_fn returned a tensor without a gradient {where}; compute the loss from the "
+            f"{source} returned a tensor without a gradient {where}; compute the loss from the "
             "model's output and do not call .detach() or .item() on it, nor use torch.no_grad()."
         )
     if not torch.isfinite(loss.detach()).all():
         raise UnrollError(
-            f"loss_fn returned a non-finite loss ({loss.item()}) {where}; lower `lr`, use fewer "
+            f"{source} returned a non-finite loss ({loss.item()}) {where}; lower `lr`, use fewer "
             "`steps`, or check the model and data for NaN/Inf."
         )
     return loss.reshape(())
@@ -101,7 +101,7 @@ def check_loss(loss: Any, where: str) -> Tensor:
 
 @contextmanager
 def _context(step: int, total: int, what: str) -> Iterator[None]:
-    where = f"at inner step {step} of {total} ({what})"
+    where = f"at inner step {step} of {total} ({what}, batch {step})"
     try:
         yield
     except UnrollError as err:
@@ -120,7 +120,7 @@ def evaluate_loss(
     """``loss(params, batch)`` with the step context attached to any error it raises."""
     what = "final loss" if step == total else "inner SGD step"
     with _context(step, total, what):
-        return check_loss(loss(params, batch), f"at inner step {step} of {total} ({what})")
+        return check_loss(loss(params, batch), f"at inner step {step} of {total} ({what}, batch {step})")
 
 
 def sgd_unroll(
