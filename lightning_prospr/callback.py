@@ -21,8 +21,14 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-from lightning_prospr.masking import apply_masks, current_masks, remove_masks
+from lightning_prospr.masking import (
+    apply_masks,
+    current_masks,
+    plain_state_dict,
+    remove_masks,
+)
 from lightning_prospr.report import SparsityReport
 from lightning_prospr.scores import _check_hyperparameters, prospr_scores, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks
@@ -83,6 +89,9 @@ class ProsprPruningCallback(Callback):
             ``None`` prunes the ``weight`` of every Linear and Conv1d/2d/3d.
         reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
             per step (``steps + 1`` batches).
+        make_permanent: at the end of ``fit``, bake the masks into the weights and remove the
+            re-parametrization (plain ``weight`` parameters with zeros), like Lightning's
+            ``ModelPruning(make_pruning_permanent=True)``.
         verbose: print the per-layer table on rank 0.
 
     The loss is ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``; ``self.log``
@@ -93,8 +102,10 @@ class ProsprPruningCallback(Callback):
     Under DDP, rank ``r`` of ``W`` takes batches ``r, r + W, ...`` of the loader, scores are summed
     over ranks, and every rank applies rank 0's masks. The masks are saved in the callback's state:
     resuming with ``fit(ckpt_path=...)`` re-applies them without scoring again, and a second ``fit``
-    with the same callback keeps them (it never prunes twice). Checkpoints hold the effective
-    (masked) ``weight`` tensors, so they load into the plain module without the callback.
+    with the same callback keeps them (it never prunes twice). The module's ``state_dict`` holds
+    the effective (masked) ``weight`` tensors, so every checkpoint, also a weights-only one, loads
+    into the plain module without the callback. (Lightning itself cannot resume ``fit`` from a
+    weights-only checkpoint: it has no optimizer state.)
 
     Example::
 
@@ -112,6 +123,7 @@ class ProsprPruningCallback(Callback):
         first_order: bool = False,
         parameters: list[str] | None = None,
         reuse_batch: bool = False,
+        make_permanent: bool = False,
         verbose: bool = True,
     ) -> None:
         check_sparsity(sparsity)
@@ -128,8 +140,10 @@ class ProsprPruningCallback(Callback):
         self.first_order = bool(first_order)
         self.parameters = list(parameters) if parameters is not None else None
         self.reuse_batch = bool(reuse_batch)
+        self.make_permanent = bool(make_permanent)
         self.verbose = bool(verbose)
         self._masks: dict[str, Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
         self.report: SparsityReport | None = None
 
     # ------------------------------------------------------------------ public state
@@ -149,12 +163,6 @@ class ProsprPruningCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # A second fit (or a resume into a model pruned earlier in this process): take our
-        # re-parametrization off so checkpoints with plain weights load; on_fit_start puts it back.
-        if stage == "fit" and self._masks is not None:
-            remove_masks(pl_module, list(self._masks))
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masks is None:
             self._masks = self._compute_masks(trainer, pl_module)
@@ -162,21 +170,24 @@ class ProsprPruningCallback(Callback):
             self._check_restored(pl_module)
             if self.report is None:
                 self.report = SparsityReport.from_masks(self._masks, method=f"{self.method}, restored")
+        # A second fit, or a resume in the same process, finds our masks in place: swap them for the
+        # ones we hold (weights untouched), so they are never applied twice.
+        self._take_off(pl_module, bake=False)
         device = next(pl_module.parameters()).device
         apply_masks(pl_module, {n: m.to(device) for n, m in self._masks.items()})
+        self._handles = plain_state_dict(pl_module, list(self._masks))
         self._report(trainer)
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Store each pruned weight as its effective ``weight`` so the checkpoint loads anywhere."""
-        state = checkpoint.get("state_dict")
-        if state is None or self._masks is None:
-            return
-        for name in self._masks:
-            orig, mask = state.pop(f"{name}_orig", None), state.pop(f"{name}_mask", None)
-            if orig is not None and mask is not None:
-                state[name] = orig * mask
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.make_permanent:
+            self._take_off(pl_module, bake=True)
+
+    def _take_off(self, pl_module: pl.LightningModule, bake: bool) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._masks is not None:
+            remove_masks(pl_module, list(self._masks), bake=bake)
 
     def state_dict(self) -> dict[str, Any]:
         if self._masks is None:
@@ -193,7 +204,7 @@ class ProsprPruningCallback(Callback):
     def _check_restored(self, pl_module: pl.LightningModule) -> None:
         assert self._masks is not None
         named = dict(pl_module.named_parameters())
-        missing = [n for n in self._masks if n not in named]
+        missing = [n for n in self._masks if n not in named and f"{n}_orig" not in named]
         if missing:
             raise MisconfigurationException(
                 f"ProsprPruningCallback restored masks for {missing}, which this module does not have "

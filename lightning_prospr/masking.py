@@ -9,12 +9,14 @@ training it), a float buffer ``layer.weight_mask`` holds the mask, and a forward
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["apply_masks", "current_masks", "make_permanent", "remove_masks", "split_name"]
+__all__ = ["apply_masks", "current_masks", "make_permanent", "plain_state_dict", "remove_masks", "split_name"]
 
 
 def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -80,16 +82,67 @@ def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str,
     return found
 
 
-def remove_masks(model: nn.Module, names: list[str]) -> None:
-    """Bake the masks into the weights and restore plain ``weight`` parameters.
+def remove_masks(model: nn.Module, names: list[str], bake: bool = True) -> None:
+    """Take the re-parametrization off and restore plain ``weight`` parameters.
 
-    Same ``Parameter`` object as before pruning, so optimizers keep working. Names without a
-    re-parametrization are skipped; tied weights are restored in every module that shares them.
+    The same ``Parameter`` object comes back, so optimizers keep working. With ``bake=True`` (what
+    :func:`torch.nn.utils.prune.remove` does) the zeros are written into it; with ``bake=False`` it
+    keeps the values it had under the mask. Names without a re-parametrization are skipped; tied
+    weights are restored in every module that shares them.
     """
     for name in names:
         for module, attr in _aliases(model, name):
-            if _hook(module, attr) is not None:
+            hook = _hook(module, attr)
+            if hook is None:
+                continue
+            if bake:
                 prune.remove(module, attr)
+                continue
+            for key, value in list(module._forward_pre_hooks.items()):
+                if value is hook:
+                    del module._forward_pre_hooks[key]
+            param = module._parameters.pop(f"{attr}_orig")
+            del module._buffers[f"{attr}_mask"]
+            if hasattr(module, attr):
+                delattr(module, attr)
+            module.register_parameter(attr, param)
+
+
+def plain_state_dict(model: nn.Module, names: list[str]) -> list[RemovableHandle]:
+    """Make the masked weights ``names`` save and load as plain ``weight`` entries.
+
+    ``state_dict()`` then holds ``weight = weight_orig * weight_mask`` instead of the two pruning
+    tensors, so it loads into the same model without pruning; and ``load_state_dict`` accepts such
+    plain entries (the mask in place is kept). Returns the hook handles; ``.remove()`` them to undo.
+    """
+    handles = []
+    for name in names:
+        for module, attr in _aliases(model, name):
+            handles.append(module.register_state_dict_post_hook(_PlainSave(attr)))
+            handles.append(module.register_load_state_dict_pre_hook(_PlainLoad(attr)))
+    return handles
+
+
+class _PlainSave:
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+        orig = state.pop(f"{prefix}{self.attr}_orig", None)
+        mask = state.pop(f"{prefix}{self.attr}_mask", None)
+        if orig is not None and mask is not None:
+            state[f"{prefix}{self.attr}"] = orig.detach() * mask
+
+
+class _PlainLoad:
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        key = f"{prefix}{self.attr}"
+        if key in state and f"{key}_orig" not in state and _hook(module, self.attr) is not None:
+            state[f"{key}_orig"] = state.pop(key)
+            state.setdefault(f"{key}_mask", getattr(module, f"{self.attr}_mask"))
 
 
 def make_permanent(model: nn.Module) -> list[str]:
