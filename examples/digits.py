@@ -51,13 +51,11 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.test_set, batch_size=256)
 
 
-class DigitsCNN(pl.LightningModule):
-    """Two conv blocks with BatchNorm and a two-layer classifier; about 52k prunable weights."""
+class DigitsNet(nn.Sequential):
+    """Two conv blocks with BatchNorm and a two-layer classifier for 1x8x8 inputs; 52k prunable weights."""
 
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(
             nn.Conv2d(1, 32, 3, padding=1),
             nn.BatchNorm2d(32),
             nn.ReLU(),
@@ -68,8 +66,17 @@ class DigitsCNN(pl.LightningModule):
             nn.Flatten(),
             nn.Linear(64 * 4 * 4, 32),
             nn.ReLU(),
-            nn.Linear(32, 10),
+            nn.Linear(32, num_classes),
         )
+
+
+class DigitsCNN(pl.LightningModule):
+    """A plain LightningModule around :class:`DigitsNet`: nothing in it knows about pruning."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = DigitsNet()
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
