@@ -19,19 +19,22 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prospr.baselines import check_method
 from lightning_prospr.masking import (
     apply_masks,
     current_masks,
     plain_state_dict,
     remove_masks,
 )
+from lightning_prospr.pipeline import _example_input as _batch_input
+from lightning_prospr.pipeline import compute_masks
 from lightning_prospr.report import SparsityReport
-from lightning_prospr.scores import _check_hyperparameters, prospr_scores, resolve_parameters
-from lightning_prospr.selection import check_sparsity, global_masks
+from lightning_prospr.scores import _check_hyperparameters, resolve_parameters
+from lightning_prospr.selection import check_sparsity
 from lightning_prospr.unroll import UnrollError, check_loss
 
 __all__ = ["ProsprPruningCallback"]
@@ -89,6 +92,16 @@ class ProsprPruningCallback(Callback):
             ``None`` prunes the ``weight`` of every Linear and Conv1d/2d/3d.
         reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
             per step (``steps + 1`` batches).
+        method: ``"prospr"`` (default), or a baseline: ``"snip"``, ``"grasp"``, ``"synflow"``,
+            ``"magnitude"``, ``"random"``.
+        structured: prune whole output channels (one mask per channel, the classifier excluded).
+        rounds: iterative pruning in this many rounds on an exponential density schedule,
+            re-scoring the masked network each round; ``None`` is 1 (100 for SynFlow).
+        num_batches: average the scores of this many independent unrolls, each on new batches.
+        layer_floor: the layer-collapse guard's minimum of weights kept per layer (0: none).
+        keep_connected: the guard also keeps every layer on an input-to-output path of kept
+            weights (needs the input: the batch's first tensor or ``example_input_array``).
+        seed: seed of ``method="random"``.
         make_permanent: at the end of ``fit``, bake the masks into the weights and remove the
             re-parametrization (plain ``weight`` parameters with zeros), like Lightning's
             ``ModelPruning(make_pruning_permanent=True)``.
@@ -123,11 +136,24 @@ class ProsprPruningCallback(Callback):
         first_order: bool = False,
         parameters: list[str] | None = None,
         reuse_batch: bool = False,
+        method: str = "prospr",
+        structured: bool = False,
+        rounds: int | None = None,
+        num_batches: int = 1,
+        layer_floor: int = 1,
+        keep_connected: bool = True,
+        seed: int = 0,
         make_permanent: bool = False,
         verbose: bool = True,
     ) -> None:
         check_sparsity(sparsity)
+        check_method(method)
         _check_hyperparameters(steps, lr, momentum, weight_decay)
+        for arg, value, low in (("num_batches", num_batches, 1), ("layer_floor", layer_floor, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{arg}` must be an integer >= {low}, got {value!r}.")
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+            raise ValueError(f"`rounds` must be an integer >= 1 or None, got {rounds!r}.")
         if parameters is not None and (isinstance(parameters, str) or not parameters):
             raise ValueError(
                 f"`parameters` must be a non-empty list of parameter names or None, got {parameters!r}."
@@ -140,6 +166,13 @@ class ProsprPruningCallback(Callback):
         self.first_order = bool(first_order)
         self.parameters = list(parameters) if parameters is not None else None
         self.reuse_batch = bool(reuse_batch)
+        self.method = method
+        self.structured = bool(structured)
+        self.rounds = rounds
+        self.num_batches = num_batches
+        self.layer_floor = layer_floor
+        self.keep_connected = bool(keep_connected)
+        self.seed = seed
         self.make_permanent = bool(make_permanent)
         self.verbose = bool(verbose)
         self._masks: dict[str, Tensor] | None = None
@@ -154,12 +187,24 @@ class ProsprPruningCallback(Callback):
         return self._masks
 
     @property
-    def method(self) -> str:
+    def description(self) -> str:
         """A short description of the scoring run, e.g. ``"ProsPr M=3, lr=0.1, full"``."""
-        if self.steps == 0:
-            return "SNIP (M=0)"
-        order = "first-order" if self.first_order else "full"
-        return f"ProsPr M={self.steps}, lr={self.lr:g}, {order}"
+        extras = []
+        if self.structured:
+            extras.append("structured")
+        if (self.rounds or 1) > 1 and self.method != "synflow":
+            extras.append(f"{self.rounds} rounds")
+        if self.num_batches > 1:
+            extras.append(f"{self.num_batches} unrolls")
+        if (self.method == "prospr" and self.steps == 0) or self.method == "snip":
+            text = "SNIP (M=0)"
+        elif self.method == "prospr":
+            text = f"ProsPr M={self.steps}, lr={self.lr:g}, {'first-order' if self.first_order else 'full'}"
+        else:
+            text = {"grasp": "GraSP", "synflow": f"SynFlow, {self.rounds or 100} rounds"}.get(
+                self.method, self.method
+            )
+        return ", ".join([text, *extras])
 
     # ------------------------------------------------------------------ hooks
 
@@ -169,7 +214,7 @@ class ProsprPruningCallback(Callback):
         else:
             self._check_restored(pl_module)
             if self.report is None:
-                self.report = SparsityReport.from_masks(self._masks, method=f"{self.method}, restored")
+                self.report = SparsityReport.from_masks(self._masks, method=f"{self.description}, restored")
         # A second fit, or a resume in the same process, finds our masks in place: swap them for the
         # ones we hold (weights untouched), so they are never applied twice.
         self._take_off(pl_module, bake=False)
@@ -213,6 +258,8 @@ class ProsprPruningCallback(Callback):
 
     def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         names = resolve_parameters(pl_module, self.parameters)
+        if self.structured and self.parameters is None:
+            names = names[:-1]  # the classifier keeps all its outputs
         within = current_masks(pl_module, names)  # masks the module carried already: nest inside them
         custom = getattr(pl_module, "prospr_loss", None)
         if custom is None and not pl_module.automatic_optimization:
@@ -250,30 +297,51 @@ class ProsprPruningCallback(Callback):
                     )
                 return check_loss(out, f"on batch {batch_idx} of ProsPr scoring", source=source)
 
+            def sum_over_ranks(scores: dict[str, Tensor]) -> dict[str, Tensor]:
+                if trainer.world_size == 1:
+                    return scores
+                return {n: trainer.strategy.reduce(v, reduce_op="sum") for n, v in scores.items()}
+
             with _logging_disabled(pl_module):
-                scores = prospr_scores(
+                result = compute_masks(
                     pl_module,
                     loss_fn,
                     batches,
+                    self.sparsity,
+                    method=self.method,
                     steps=self.steps,
                     lr=self.lr,
                     momentum=self.momentum,
                     weight_decay=self.weight_decay,
                     first_order=self.first_order,
                     parameters=names,
+                    structured=self.structured,
+                    rounds=self.rounds,
+                    num_batches=self.num_batches,
+                    layer_floor=self.layer_floor,
+                    keep_connected=self.keep_connected,
+                    example_input=_example_input(pl_module, batches[0][1]),
+                    within=within,
+                    seed=self.seed,
+                    score_hook=sum_over_ranks,
                 )
-        if trainer.world_size > 1:
-            scores = {n: trainer.strategy.reduce(s, reduce_op="sum") for n, s in scores.items()}
-        masks = global_masks(scores, self.sparsity, within=within)
+        masks = result.masks
         if trainer.world_size > 1:
             masks = trainer.strategy.broadcast(masks, src=0)
-        self.report = SparsityReport.from_masks(masks, time.perf_counter() - start, self.method)
+        if result.guard.changed:
+            rank_zero_warn(
+                "ProsprPruningCallback: the layer-collapse guard changed the plain top-k to keep every layer "
+                f"alive and connected ({result.guard.summary()}); pass layer_floor=0, keep_connected=False "
+                "for plain top-k."
+            )
+        self.report = SparsityReport.from_masks(masks, time.perf_counter() - start, self.description)
         return masks
 
     def _draw_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[int, Any]]:
         """``steps + 1`` (or 1 with ``reuse_batch``) batches for this rank, moved to the device."""
         loader = _train_dataloader(trainer)
-        count = 1 if self.reuse_batch else self.steps + 1
+        per_unroll = {"prospr": self.steps + 1, "snip": 1, "grasp": 1}.get(self.method, 1)
+        count = 1 if self.reuse_batch else per_unroll * self.num_batches * (self.rounds or 1)
         rank, world = trainer.global_rank, trainer.world_size
         raw = list(itertools.islice(_iter_batches(loader), rank, rank + world * count, world))
         if not raw:
@@ -315,3 +383,11 @@ def _iter_batches(loader: Any) -> Iterable[Any]:
         combined = CombinedLoader(loader, mode="max_size_cycle")
         return (batch for batch, _, _ in combined)
     return loader
+
+
+def _example_input(pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+    """The model's input for data-free checks: ``example_input_array``, else the batch's first tensor."""
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, Tensor):
+        return example.to(pl_module.device)
+    return _batch_input(batch)

@@ -156,6 +156,8 @@ def prospr_scores(
     weight_decay: float = 0.0,
     first_order: bool = False,
     parameters: Sequence[str] | None = None,
+    structured: bool = False,
+    masks: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """ProsPr saliency of each scored weight: :math:`|\\partial L_M / \\partial c|` at :math:`c = 1`.
 
@@ -172,13 +174,17 @@ def prospr_scores(
         first_order: drop the Hessian terms (cheaper; the paper's approximation for large models).
         parameters: names from ``model.named_parameters()`` of the weights to score; ``None``
             scores the ``weight`` of every Linear and Conv1d/2d/3d.
+        structured: one mask per output channel (dim 0) instead of one per weight; the scores then
+            have shape ``(out_channels, 1, ..., 1)``.
+        masks: fixed keep-masks (bool, the weight's shape or broadcastable to it) that the network
+            carries during the whole unroll, e.g. from an earlier round of iterative pruning.
 
     Every parameter with ``requires_grad=True`` is updated in the inner loop (biases and norm
     layers too), and the model runs in train mode. Frozen parameters stay constant.
 
     Returns:
-        ``{name: score}`` with each weight's shape, on its device, in float32 for half-precision
-        weights and in the weight's dtype otherwise.
+        ``{name: score}`` with each weight's shape (per-channel shape when ``structured``), on its
+        device, in float32 for half-precision weights and in the weight's dtype otherwise.
 
     Example:
         >>> import torch
@@ -203,7 +209,18 @@ def prospr_scores(
     try:
         with preserved_state(model, device), torch.enable_grad():
             raw = _meta_gradients(
-                model, loss_fn, drawn, named, keys, steps, lr, momentum, weight_decay, first_order
+                model,
+                loss_fn,
+                drawn,
+                named,
+                keys,
+                steps,
+                lr,
+                momentum,
+                weight_decay,
+                first_order,
+                structured,
+                masks,
             )
     except torch.OutOfMemoryError as err:
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone
@@ -243,18 +260,24 @@ def _meta_gradients(
     momentum: float,
     weight_decay: float,
     first_order: bool,
+    structured: bool = False,
+    fixed: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """d L_M / d c for each scored weight (signed, not yet reduced); see :func:`prospr_scores`."""
     model.train()
     trainable = [n for n, p in named.items() if p.requires_grad]
     scored = set(keys.values())
-    loss = StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()})
+    multipliers = {keys[n]: m.to(named[keys[n]].dtype) for n, m in (fixed or {}).items() if n in keys}
+    loss = StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()}, multipliers)
     # The starting point shares storage with the model's parameters: no copy, never written to.
     start = {n: p.detach().requires_grad_(n in trainable or n in scored) for n, p in named.items()}
     masks = {}
     if not first_order:
         for name, key in keys.items():
-            masks[name] = torch.ones_like(named[key], requires_grad=True)
+            shape = _mask_shape(named[key], structured)
+            masks[name] = torch.ones(
+                shape, dtype=named[key].dtype, device=named[key].device, requires_grad=True
+            )
             start[key] = masks[name] * named[key].detach()
     final = sgd_unroll(
         loss,
@@ -275,6 +298,16 @@ def _meta_gradients(
     out = {}
     for (name, key), grad in zip(keys.items(), grads, strict=True):
         theta = named[key].detach()
-        grad = torch.zeros_like(theta) if grad is None else grad
-        out[name] = theta * grad if first_order else grad
+        if first_order:
+            grad = theta * (torch.zeros_like(theta) if grad is None else grad)
+            out[name] = grad.sum(dim=tuple(range(1, grad.dim())), keepdim=True) if structured else grad
+        else:
+            out[name] = theta.new_zeros(_mask_shape(theta, structured)) if grad is None else grad
     return out
+
+
+def _mask_shape(weight: Tensor, structured: bool) -> tuple[int, ...]:
+    """One mask entry per weight, or per output channel (dim 0) when ``structured``."""
+    if not structured:
+        return tuple(weight.shape)
+    return (weight.shape[0], *([1] * (weight.dim() - 1)))

@@ -58,15 +58,26 @@ class StatelessLoss:
             and buffers are the tensors passed to :meth:`__call__`.
         buffers: the buffers to use (for example clones of the model's BatchNorm statistics, so that
             train-mode updates land on the clones and not on the model).
+        multipliers: optional fixed factors (e.g. keep-masks) by parameter name: the model sees
+            ``params[name] * multipliers[name]`` on every call.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, buffers: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        buffers: Mapping[str, Tensor],
+        multipliers: Mapping[str, Tensor] | None = None,
+    ) -> None:
         self._module = _LossModule(model, loss_fn)
         self._buffers = {f"model.{name}": b for name, b in buffers.items()}
+        self._multipliers = dict(multipliers or {})
 
     def __call__(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         tensors = dict(self._buffers)
-        tensors.update({f"model.{name}": t for name, t in params.items()})
+        for name, t in params.items():
+            factor = self._multipliers.get(name)
+            tensors[f"model.{name}"] = t if factor is None else t * factor
         return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 

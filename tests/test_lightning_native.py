@@ -93,7 +93,7 @@ def test_resume_restores_masks_without_rescoring(tmp_path, monkeypatch):
     def no_scoring(*args, **kwargs):
         raise AssertionError("masks must be restored, not recomputed")
 
-    monkeypatch.setattr(callback_module, "prospr_scores", no_scoring)
+    monkeypatch.setattr(callback_module, "compute_masks", no_scoring)
     resumed_model, resumed = Net(), ProsprPruningCallback(sparsity=0.8, verbose=False)
     trainer = make_trainer(tmp_path, [resumed], max_epochs=4)
     trainer.fit(resumed_model, datamodule=Data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")

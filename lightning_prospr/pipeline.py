@@ -1,0 +1,258 @@
+"""Batches -> scores -> masks in one call: the method, iterative rounds, score averaging, the guard.
+
+:func:`compute_masks` is what the callback runs; it is pure PyTorch and works on any ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_prospr.baselines import (
+    check_method,
+    grasp_scores,
+    iterative_synflow_masks,
+    magnitude_scores,
+    random_scores,
+    synflow_scores,
+)
+from lightning_prospr.guard import GuardReport, guard_masks
+from lightning_prospr.scores import parameter_key, prospr_scores, resolve_parameters
+from lightning_prospr.selection import check_sparsity, global_masks
+from lightning_prospr.unroll import LossFn
+
+__all__ = ["MaskResult", "compute_masks", "density_schedule"]
+
+#: Methods that take part in iterative rounds by re-scoring the masked network.
+ITERATIVE_METHODS = ("prospr", "snip", "synflow")
+#: Methods that score whole output channels.
+STRUCTURED_METHODS = ("prospr", "snip", "magnitude", "random")
+
+
+@dataclass
+class MaskResult:
+    """Masks and how they were made.
+
+    Attributes:
+        masks: ``{name: bool keep-mask}`` with each weight's shape (channel masks expanded).
+        channel_masks: ``{name: bool per output channel}`` when structured, else empty.
+        guard: what the layer-collapse guard changed.
+        seconds: wall time of scoring and selection.
+    """
+
+    masks: dict[str, Tensor]
+    channel_masks: dict[str, Tensor] = field(default_factory=dict)
+    guard: GuardReport = field(default_factory=GuardReport)
+    seconds: float = 0.0
+
+
+def density_schedule(sparsity: float, rounds: int) -> list[float]:
+    """Sparsity after each of ``rounds`` rounds on an exponential density schedule.
+
+    Round :math:`r` keeps :math:`d_r = (1 - s)^{r / R}`; the last round is ``sparsity`` exactly.
+    """
+    return [1.0 - (1.0 - sparsity) ** (r / rounds) for r in range(1, rounds)] + [sparsity]
+
+
+def _example_input(batch: Any) -> Tensor | None:
+    """The model input of a batch when it is recognisable: a tensor, or the first of a tuple/list."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("x", "input", "inputs", "image", "images", "input_ids"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    return None
+
+
+def compute_masks(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    sparsity: float,
+    *,
+    method: str = "prospr",
+    steps: int = 3,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    first_order: bool = False,
+    parameters: Sequence[str] | None = None,
+    structured: bool = False,
+    rounds: int | None = None,
+    num_batches: int = 1,
+    layer_floor: int = 1,
+    keep_connected: bool = True,
+    example_input: Tensor | None = None,
+    within: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+    score_hook: Any = None,
+) -> MaskResult:
+    """Score ``model`` with ``method`` and select keep-masks that remove ``sparsity`` of the weights.
+
+    Args:
+        model: any ``nn.Module``; left exactly as it was.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (not used by the data-free methods).
+        batches: an iterable of batches on the model's device. ProsPr takes ``steps + 1`` per unroll
+            (cycling when it runs out); SNIP and GraSP take one per unroll.
+        sparsity: fraction of the scored weights (or channels, when ``structured``) to remove.
+        method: ``"prospr"``, ``"snip"``, ``"grasp"``, ``"synflow"``, ``"magnitude"`` or ``"random"``.
+        steps, lr, momentum, weight_decay, first_order: ProsPr's inner loop (see
+            :func:`~lightning_prospr.prospr_scores`).
+        parameters: names of the weights to prune; ``None`` is the default set (without the last
+            layer, the classifier, when ``structured``).
+        structured: one mask per output channel; global top-k over channels.
+        rounds: iterative pruning in ``rounds`` rounds on :func:`density_schedule`, re-scoring the
+            masked network each round. ``None``: 1, except 100 for SynFlow (as in its paper).
+        num_batches: average the scores of this many independent unrolls (new batches each), one
+            unroll in memory at a time.
+        layer_floor, keep_connected: the layer-collapse guard (:mod:`~lightning_prospr.guard`):
+            weights kept per tensor at least, and whether to keep every tensor on an input-output
+            path (needs an example input: ``example_input`` or the first tensor of a batch).
+            ``layer_floor=0, keep_connected=False`` gives plain top-k.
+        within: existing keep-masks to nest in (weights outside them count as removed).
+        seed: for ``method="random"``.
+        score_hook: called as ``score_hook(scores)`` on every round's scores before selection (the
+            callback uses it to sum scores over DDP ranks).
+
+    Returns:
+        A :class:`MaskResult`.
+    """
+    start = time.perf_counter()
+    check_sparsity(sparsity)
+    check_method(method)
+    for arg, value in (("num_batches", num_batches), ("layer_floor", layer_floor)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (1 if arg == "num_batches" else 0)
+        ):
+            raise ValueError(
+                f"`{arg}` must be an integer >= {1 if arg == 'num_batches' else 0}, got {value!r}."
+            )
+    if rounds is None:
+        rounds = 100 if method == "synflow" else 1
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"`rounds` must be an integer >= 1 (1 is one-shot), got {rounds!r}.")
+    if rounds > 1 and method not in ITERATIVE_METHODS:
+        raise ValueError(
+            f"`rounds`={rounds} needs a method that re-scores the masked network: one of "
+            f"{', '.join(ITERATIVE_METHODS)} (method={method!r} scores the same weights every round)."
+        )
+    if structured and method not in STRUCTURED_METHODS:
+        raise ValueError(
+            f"`structured=True` supports method in {', '.join(STRUCTURED_METHODS)}, not {method!r}."
+        )
+    if structured and parameters is None:
+        parameters = resolve_parameters(model, None)[:-1]  # the classifier keeps all its classes
+        if not parameters:
+            raise ValueError(
+                "structured pruning found only one prunable layer (the classifier): pass `parameters`."
+            )
+    names = resolve_parameters(model, parameters)
+    stream = _BatchStream(batches)
+    example = example_input if example_input is not None else _example_input(stream.peek())
+    if method == "synflow" and example is None:
+        raise ValueError("SynFlow needs the model input's shape: pass `example_input` (a batch of inputs).")
+
+    def score(current: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        if method in ("prospr", "snip"):
+            total: dict[str, Tensor] = {}
+            m = steps if method == "prospr" else 0
+            for _ in range(num_batches):
+                part = prospr_scores(
+                    model, loss_fn, stream.take(m + 1), steps=m, lr=lr, momentum=momentum,
+                    weight_decay=weight_decay, first_order=first_order, parameters=names,
+                    structured=structured, masks=current,
+                )  # fmt: skip
+                total = {n: total[n] + s if n in total else s for n, s in part.items()}
+            return {n: s / num_batches for n, s in total.items()}
+        if method == "grasp":
+            return grasp_scores(
+                model, loss_fn, stream.take(num_batches), parameters=names, num_batches=num_batches
+            )
+        if method == "synflow":
+            return synflow_scores(model, parameters=names, example_input=example)
+        if method == "magnitude":
+            found = magnitude_scores(model, parameters=names)
+        else:
+            found = random_scores(model, parameters=names, seed=seed)
+        if structured:  # one score per output channel: the channel's summed score
+            found = {n: s.sum(dim=tuple(range(1, s.dim())), keepdim=True) for n, s in found.items()}
+        return found
+
+    current = {n: m.bool() for n, m in (within or {}).items() if n in names} or None
+    if method == "synflow" and rounds > 1:
+        if structured or current:
+            raise ValueError("iterative SynFlow supports neither `structured` nor pre-pruned weights.")
+        masks = iterative_synflow_masks(
+            model, sparsity, rounds=rounds, parameters=names, example_input=example
+        )
+        scores = synflow_scores(model, parameters=names, example_input=example)
+    else:
+        for target in density_schedule(sparsity, rounds):
+            scores = score(current)
+            if score_hook is not None:
+                scores = score_hook(scores)
+            if current is not None and structured:
+                current = {
+                    n: m.reshape(m.shape[0], -1).any(dim=1).reshape(scores[n].shape)
+                    for n, m in current.items()
+                }
+            masks = global_masks(scores, target, within=current)
+            current = masks
+    guard = GuardReport()
+    if layer_floor or keep_connected:
+        masks, guard = guard_masks(
+            scores,
+            masks,
+            layer_floor=layer_floor,
+            model=model if keep_connected and not structured else None,
+            example_input=example,
+        )
+    named = dict(model.named_parameters())
+    channel_masks: dict[str, Tensor] = {}
+    if structured:
+        channel_masks = {n: m.reshape(-1) for n, m in masks.items()}
+        masks = {n: m.expand_as(named[parameter_key(named, n)]).clone() for n, m in masks.items()}
+    return MaskResult(masks, channel_masks, guard, time.perf_counter() - start)
+
+
+class _BatchStream:
+    """Hands out batches lazily; when the source runs out, cycles over those it gave."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._source: Iterator[Any] = iter(batches)
+        self._seen: list[Any] = []
+        self._handed = 0
+        self._cycled = 0
+
+    def peek(self) -> Any:
+        """The first batch, without handing it out."""
+        if not self._seen:
+            self._seen.extend(itertools.islice(self._source, 1))
+            if not self._seen:
+                raise ValueError("`batches` is empty: give at least one batch.")
+        return self._seen[0]
+
+    def _next(self) -> Any:
+        if self._handed < len(self._seen):
+            self._handed += 1
+            return self._seen[self._handed - 1]
+        for item in itertools.islice(self._source, 1):
+            self._seen.append(item)
+            self._handed += 1
+            return item
+        self.peek()  # raises when there never was a batch
+        self._cycled += 1
+        return self._seen[(self._cycled - 1) % len(self._seen)]
+
+    def take(self, count: int) -> list[Any]:
+        return [self._next() for _ in range(count)]
