@@ -21,8 +21,9 @@ keep more than their floor.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,7 @@ from torch.func import functional_call
 
 from lightning_prospr.scores import parameter_key
 
-__all__ = ["GuardReport", "guard_masks", "path_gradients"]
+__all__ = ["GuardReport", "Paths", "guard_masks", "path_gradients"]
 
 
 @dataclass
@@ -75,10 +76,42 @@ def _linearized(model: nn.Module, scored: set[str]) -> dict[str, Tensor]:
     return fixed
 
 
-def path_gradients(
-    model: nn.Module, masks: Mapping[str, Tensor], example_input: Tensor
-) -> tuple[dict[str, Tensor], float]:
-    """:math:`\\partial R / \\partial q` for each masked tensor of the linearized network, and R.
+@dataclass
+class Paths:
+    """Signal flow in the linearized network under some masks.
+
+    Attributes:
+        grads: :math:`\\partial R / \\partial q` per masked tensor (non-zero exactly where a weight,
+            kept or not, would lie on an input-to-output path).
+        upstream: per masked tensor, a bool tensor broadcastable to the weight: ``True`` where the
+            weight's input feature carries signal from the input (Linear and Conv layers only).
+        total: :math:`R`, the sum of the outputs.
+    """
+
+    grads: dict[str, Tensor]
+    upstream: dict[str, Tensor]
+    total: float
+
+    def on_path(self, name: str, mask: Tensor) -> int:
+        """Kept weights of ``name`` that lie on an input-to-output path."""
+        return int(((self.grads[name] != 0) & mask).sum())
+
+
+def _input_features(module: nn.Module, inputs: tuple[Any, ...], weight: Tensor) -> Tensor | None:
+    x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+    if x is None:
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd) and x.dim() >= 2 and module.groups == 1:
+        alive = x.abs().sum(dim=[d for d in range(x.dim()) if d != 1]) > 0
+        return alive.reshape(1, -1, *([1] * (weight.dim() - 2)))
+    if isinstance(module, nn.Linear):
+        alive = x.abs().reshape(-1, x.shape[-1]).sum(0) > 0
+        return alive.reshape(1, -1)
+    return None
+
+
+def path_gradients(model: nn.Module, masks: Mapping[str, Tensor], example_input: Tensor) -> Paths:
+    """Where signal flows in the linearized network with ``masks`` applied (see :class:`Paths`).
 
     ``example_input`` is a batch; only its shape (without the batch dimension) and dtype are used.
     The model is run in eval mode and left as it was (tensors are substituted, never written).
@@ -93,6 +126,17 @@ def path_gradients(
     x = torch.ones((1, *example_input.shape[1:]), dtype=torch.float64, device=example_input.device)
     if not example_input.is_floating_point():
         x = x.to(example_input.dtype)
+    upstream: dict[str, Tensor] = {}
+    handles = []
+    for name in masks:
+        module = model.get_submodule(name.rpartition(".")[0])
+
+        def record(mod: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
+            alive = _input_features(mod, inputs, masks[name])
+            if alive is not None:
+                upstream[name] = alive.detach()
+
+        handles.append(module.register_forward_pre_hook(record))
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -105,17 +149,20 @@ def path_gradients(
                 strict=False,
             )
             total = out.sum() if isinstance(out, Tensor) else torch.zeros((), dtype=torch.float64)
-            if not total.requires_grad:
-                return {n: torch.zeros_like(t) for n, t in leaves.items()}, 0.0
-            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+            grads: Sequence[Tensor | None] = [None] * len(leaves)
+            if total.requires_grad:
+                grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     finally:
+        for handle in handles:
+            handle.remove()
         for module, flag in flags:
             module.training = flag
-    return (
+    return Paths(
         {
             n: (g if g is not None else torch.zeros_like(leaves[n])).detach()
             for n, g in zip(leaves, grads, strict=True)
         },
+        upstream,
         float(total.detach()),
     )
 
@@ -150,25 +197,30 @@ def guard_masks(
         return masks, report
     floors = {n: min(layer_floor, m.numel()) for n, m in masks.items()}
 
+    protected = {n: torch.zeros(m.numel(), dtype=torch.bool, device=m.device) for n, m in masks.items()}
+
     def add(name: str, index: int) -> None:
         masks[name].view(-1)[index] = True
+        protected[name][index] = True
         report.added[name] = report.added.get(name, 0) + 1
 
-    def remove_one(paths: Mapping[str, Tensor] | None) -> None:
-        """Drop the cheapest kept weight: off-path ones first, then from tensors above their floor
-        that keep another weight on a path."""
+    def remove_one(paths: Paths | None) -> None:
+        """Drop the cheapest kept weight that the guard did not add: off-path ones first, then from
+        tensors above their floor that keep another weight on a path."""
         best: tuple[int, float, str, int] | None = None
         for name, mask in masks.items():
             if int(mask.sum()) <= floors[name]:
                 continue
-            flat = mask.view(-1)
+            flat = mask.view(-1) & ~protected[name]
             tier, allowed = 1, flat
             if paths is not None:
-                off_path = flat & (paths[name].view(-1) == 0)
+                off_path = flat & (paths.grads[name].view(-1) == 0)
                 if off_path.any():
                     tier, allowed = 0, off_path
-                elif _on_path(paths[name], mask) <= 1:
+                elif paths.on_path(name, mask) <= 1:
                     continue
+            if not allowed.any():
+                continue
             s = flat_scores[name].masked_fill(~allowed, math.inf)
             i = int(torch.argmin(s))
             key = (tier, float(s[i]), name, i)
@@ -191,40 +243,37 @@ def guard_masks(
                 add(name, index)
                 remove_one(None)
 
-    # 2. Connectivity.
+    # 2. Connectivity: repair dead tensors one weight at a time, re-tracing paths after each change.
     if model is not None and isinstance(example_input, Tensor):
-        dense, dense_total = path_gradients(
-            model, {n: torch.ones_like(m) for n, m in masks.items()}, example_input
-        )
-        report.connectivity_checked = dense_total > 0 and all(bool((g != 0).any()) for g in dense.values())
+        ones = {n: torch.ones_like(m) for n, m in masks.items()}
+        dense = path_gradients(model, ones, example_input)
+        report.connectivity_checked = dense.total > 0 and all(dense.on_path(n, ones[n]) for n in masks)
         if report.connectivity_checked:
-            for _ in range(2 * len(masks) + 1):
-                grads, _total = path_gradients(model, masks, example_input)
-                dead = [n for n, m in masks.items() if _on_path(grads[n], m) == 0]
+            for _ in range(4 * len(masks) + 1):
+                paths = path_gradients(model, masks, example_input)
+                dead = [n for n, m in masks.items() if paths.on_path(n, m) == 0]
                 if not dead:
                     break
-                progressed = False
-                for name in dead:
-                    reachable = (grads[name].view(-1) != 0) & ~masks[name].view(-1)
-                    if not reachable.any():
-                        continue
-                    s = flat_scores[name].masked_fill(~reachable, -math.inf)
-                    add(name, int(torch.argmax(s)))
-                    remove_one(grads)
-                    progressed = True
-                    break  # recompute paths after every change
-                if not progressed:
-                    # No single weight completes a path: reconnect the first dead tensor to its best
-                    # weight anyway (paths form once its neighbours are repaired).
-                    name = dead[0]
-                    s = flat_scores[name].masked_fill(masks[name].view(-1), -math.inf)
-                    add(name, int(torch.argmax(s)))
-                    remove_one(grads)
-            grads, total = path_gradients(model, masks, example_input)
-            report.connected = total > 0 and all(_on_path(grads[n], m) > 0 for n, m in masks.items())
+                choice = None
+                for name in dead:  # a weight that completes a path through this tensor
+                    candidates = (paths.grads[name].view(-1) != 0) & ~masks[name].view(-1)
+                    if candidates.any():
+                        choice = (name, candidates)
+                        break
+                if choice is None:  # none yet: extend the signal from upstream into the first dead tensor
+                    for name in dead:
+                        if name in paths.upstream:
+                            alive = paths.upstream[name].expand_as(masks[name]).reshape(-1)
+                            candidates = alive & ~masks[name].view(-1)
+                            if candidates.any():
+                                choice = (name, candidates)
+                                break
+                if choice is None:
+                    break
+                name, candidates = choice
+                add(name, int(torch.argmax(flat_scores[name].masked_fill(~candidates, -math.inf))))
+                remove_one(paths)
+            paths = path_gradients(model, masks, example_input)
+            report.connected = paths.total > 0 and all(paths.on_path(n, m) > 0 for n, m in masks.items())
     assert sum(int(m.sum()) for m in masks.values()) == kept_total
     return masks, report
-
-
-def _on_path(grad: Tensor, mask: Tensor) -> int:
-    return int(((grad != 0) & mask).sum())

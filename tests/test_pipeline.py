@@ -1,0 +1,225 @@
+"""Structured ProsPr, iterative rounds, score averaging, the layer-collapse guard, and methods."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prospr import ProsprPruningCallback, prospr_scores
+from lightning_prospr.guard import guard_masks, path_gradients
+from lightning_prospr.models import ResNet20
+from lightning_prospr.pipeline import compute_masks, density_schedule
+from lightning_prospr.selection import global_masks, pruned_count
+
+F = nn.functional
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 5),
+    ).double()
+
+
+def batches(count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64),
+            torch.randint(0, 5, (8,), generator=gen),
+        )
+        for _ in range(count)
+    ]
+
+
+def loss_after_steps(model, scale, data, steps, lr):
+    """L_M with one output channel of one weight scaled (torch.optim.SGD on a deep copy)."""
+    net = copy.deepcopy(model).train()
+    ((name, (index, factor)),) = scale.items()
+    with torch.no_grad():
+        net.get_parameter(name)[index].mul_(factor)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    for t in range(steps):
+        opt.zero_grad()
+        ce(net, data[t]).backward()
+        opt.step()
+    with torch.no_grad():
+        return ce(net, data[steps]).item()
+
+
+def test_structured_scores_match_finite_differences_of_channel_scales():
+    model, data = convnet(), batches(4)
+    channel = prospr_scores(model, ce, data, structured=True)
+    assert channel["0.weight"].shape == (6, 1, 1, 1) and channel["6.weight"].shape == (5, 1)
+    h = 1e-6
+    for name, index in (("0.weight", 2), ("3.weight", 5), ("6.weight", 1)):
+        plus = loss_after_steps(model, {name: (index, 1 + h)}, data, steps=3, lr=0.1)
+        minus = loss_after_steps(model, {name: (index, 1 - h)}, data, steps=3, lr=0.1)
+        fd = abs(plus - minus) / (2 * h)
+        assert channel[name].reshape(-1)[index].item() == pytest.approx(fd, rel=1e-5)
+
+
+def test_structured_first_order_is_the_channel_sum_of_the_closed_form():
+    model, data = convnet(), batches(4)
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for t in range(3):
+        opt.zero_grad()
+        ce(net, data[t]).backward()
+        opt.step()
+    opt.zero_grad()
+    ce(net, data[3]).backward()
+    channel = prospr_scores(model, ce, data, structured=True, first_order=True)
+    for name in ("0.weight", "3.weight"):
+        product = model.get_parameter(name).detach() * net.get_parameter(name).grad
+        expected = product.reshape(product.shape[0], -1).sum(1).abs()
+        assert torch.allclose(channel[name].reshape(-1), expected, rtol=1e-10)
+
+
+def test_structured_masks_remove_whole_channels_and_spare_the_classifier():
+    model, data = convnet(), batches(4)
+    result = compute_masks(model, ce, data, 0.5, structured=True, keep_connected=False)
+    assert set(result.masks) == {"0.weight", "3.weight"}  # the classifier is excluded by default
+    total = 6 + 8
+    assert sum(int((~m).sum()) for m in result.channel_masks.values()) == pruned_count(0.5, total)
+    for name, mask in result.masks.items():
+        per_channel = mask.reshape(mask.shape[0], -1)
+        assert bool((per_channel.all(1) | ~per_channel.any(1)).all())  # each channel all-or-nothing
+        assert torch.equal(per_channel[:, 0], result.channel_masks[name])
+
+
+def test_fixed_masks_equal_a_model_pruned_beforehand():
+    model, data = convnet(), batches(4)
+    keep = global_masks(prospr_scores(model, ce, data), 0.6)
+    with_masks = prospr_scores(model, ce, data, masks=keep)
+    pruned = copy.deepcopy(model)
+    for name, mask in keep.items():
+        module = pruned.get_submodule(name.rpartition(".")[0])
+        prune.custom_from_mask(module, "weight", mask)
+    reference = prospr_scores(pruned, ce, data)
+    for name in keep:
+        assert torch.allclose(with_masks[name], reference[name], rtol=1e-10, atol=1e-14)
+        assert bool((with_masks[name][~keep[name]] == 0).all())
+
+
+def test_iterative_rounds_nest_and_hit_the_exact_count():
+    model, data = convnet(), batches(4)
+    assert density_schedule(0.9, 3)[-1] == 0.9
+    assert all(a < b for a, b in zip(density_schedule(0.9, 3), density_schedule(0.9, 3)[1:], strict=False))
+    rounds = []
+    for r in (1, 2, 3):
+        rounds.append(compute_masks(model, ce, data, density_schedule(0.9, 3)[r - 1], rounds=r,
+                                    layer_floor=0, keep_connected=False).masks)  # fmt: skip
+    total = sum(m.numel() for m in rounds[0].values())
+    assert sum(int((~m).sum()) for m in rounds[-1].values()) == pruned_count(0.9, total)
+    three = compute_masks(model, ce, data, 0.9, rounds=3, layer_floor=0, keep_connected=False).masks
+    assert all(torch.equal(three[n], rounds[-1][n]) for n in three)
+    # The rounds of one 3-round run nest: re-run its schedule by hand with `within`.
+    current = None
+    previous = None
+    for target in density_schedule(0.9, 3):
+        scores = prospr_scores(model, ce, data, masks=current)
+        current = global_masks(scores, target, within=current)
+        if previous is not None:
+            assert not any(bool((current[n] & ~previous[n]).any()) for n in current)
+        previous = current
+    assert all(torch.equal(current[n], three[n]) for n in three)
+
+
+def test_num_batches_averages_independent_unrolls():
+    model, data = convnet(), batches(8)
+    averaged = compute_masks(model, ce, data, 0.5, num_batches=2, layer_floor=0, keep_connected=False)
+    first = prospr_scores(model, ce, data[:4])
+    second = prospr_scores(model, ce, data[4:8])
+    expected = global_masks({n: (first[n] + second[n]) / 2 for n in first}, 0.5)
+    assert all(torch.equal(averaged.masks[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow", "magnitude", "random"])
+def test_every_method_gives_exact_counts(method):
+    model, data = convnet(), batches(4)
+    result = compute_masks(model, ce, data, 0.8, method=method, rounds=None if method == "synflow" else 1)
+    total = sum(m.numel() for m in result.masks.values())
+    assert sum(int((~m).sum()) for m in result.masks.values()) == pruned_count(0.8, total)
+
+
+def test_bad_pipeline_arguments():
+    model, data = convnet(), batches(1)
+    with pytest.raises(ValueError, match="unknown pruning method 'prune'"):
+        compute_masks(model, ce, data, 0.5, method="prune")
+    with pytest.raises(ValueError, match="`rounds`=3 needs a method that re-scores"):
+        compute_masks(model, ce, data, 0.5, method="magnitude", rounds=3)
+    with pytest.raises(ValueError, match="`structured=True` supports"):
+        compute_masks(model, ce, data, 0.5, method="grasp", structured=True)
+    with pytest.raises(ValueError, match="`num_batches` must be an integer >= 1"):
+        compute_masks(model, ce, data, 0.5, num_batches=0)
+
+
+@pytest.mark.parametrize("sparsity", [0.995, 0.999])
+def test_guard_prevents_layer_collapse_on_resnet20(sparsity):
+    torch.manual_seed(0)
+    model = ResNet20()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    scores = prospr_scores(model, ce, [(x, y)], steps=1)
+    plain = global_masks(scores, sparsity)
+    guarded, report = guard_masks(scores, plain, model=model, example_input=x)
+    total = sum(m.numel() for m in plain.values())
+    assert sum(int(m.sum()) for m in guarded.values()) == total - pruned_count(sparsity, total)
+    assert all(int(m.sum()) >= 1 for m in guarded.values())
+    paths = path_gradients(model, guarded, x)
+    assert paths.total > 0
+    assert all(paths.on_path(n, guarded[n]) >= 1 for n in guarded)  # every layer on a path
+    assert report.connected and report.changed
+    # Plain top-k at this sparsity does collapse layers (that is what the guard is for).
+    assert any(int(m.sum()) == 0 for m in plain.values())
+
+
+def test_callback_methods_and_guard_warning(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 6, 6, generator=gen), torch.randint(0, 5, (64,), generator=gen))
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = convnet().float()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return ce(self, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def fit(**kwargs):
+        callback = ProsprPruningCallback(verbose=False, **kwargs)
+        pl.Trainer(
+            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        ).fit(Module(), train_dataloaders=DataLoader(data, batch_size=8))  # fmt: skip
+        return callback
+
+    for method in ("snip", "grasp", "synflow", "magnitude", "random"):
+        assert fit(sparsity=0.7, method=method).report.sparsity == pytest.approx(0.7, abs=0.01)
+    structured = fit(sparsity=0.5, structured=True)
+    assert "structured" in structured.report.method
+    with pytest.warns(UserWarning, match="layer-collapse guard changed the plain top-k"):
+        guarded = fit(sparsity=0.99)
+    assert all(int(m.sum()) >= 1 for m in guarded.masks.values())
