@@ -88,6 +88,9 @@ class ProsprPruningCallback(Callback):
         momentum: inner SGD momentum (as :class:`torch.optim.SGD`).
         weight_decay: inner SGD weight decay.
         first_order: drop the Hessian terms (cheaper in time and memory, for large models).
+        recompute: exact full mode in bounded memory: the meta backward pass rebuilds one inner
+            step at a time instead of holding all ``M`` (about one extra forward and backward pass
+            per step).
         parameters: names (as in ``pl_module.named_parameters()``) of the weights to prune;
             ``None`` prunes the ``weight`` of every Linear and Conv1d/2d/3d.
         reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
@@ -134,6 +137,7 @@ class ProsprPruningCallback(Callback):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         first_order: bool = False,
+        recompute: bool = False,
         parameters: list[str] | None = None,
         reuse_batch: bool = False,
         method: str = "prospr",
@@ -164,6 +168,7 @@ class ProsprPruningCallback(Callback):
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.first_order = bool(first_order)
+        self.recompute = bool(recompute)
         self.parameters = list(parameters) if parameters is not None else None
         self.reuse_batch = bool(reuse_batch)
         self.method = method
@@ -314,6 +319,7 @@ class ProsprPruningCallback(Callback):
                     momentum=self.momentum,
                     weight_decay=self.weight_decay,
                     first_order=self.first_order,
+                    recompute=self.recompute,
                     parameters=names,
                     structured=self.structured,
                     rounds=self.rounds,

@@ -84,6 +84,7 @@ def compute_masks(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     first_order: bool = False,
+    recompute: bool = False,
     parameters: Sequence[str] | None = None,
     structured: bool = False,
     rounds: int | None = None,
@@ -104,7 +105,7 @@ def compute_masks(
             (cycling when it runs out); SNIP and GraSP take one per unroll.
         sparsity: fraction of the scored weights (or channels, when ``structured``) to remove.
         method: ``"prospr"``, ``"snip"``, ``"grasp"``, ``"synflow"``, ``"magnitude"`` or ``"random"``.
-        steps, lr, momentum, weight_decay, first_order: ProsPr's inner loop (see
+        steps, lr, momentum, weight_decay, first_order, recompute: ProsPr's inner loop (see
             :func:`~lightning_prospr.prospr_scores`).
         parameters: names of the weights to prune; ``None`` is the default set (without the last
             layer, the classifier, when ``structured``).
@@ -170,7 +171,7 @@ def compute_masks(
                 part = prospr_scores(
                     model, loss_fn, stream.take(m + 1), steps=m, lr=lr, momentum=momentum,
                     weight_decay=weight_decay, first_order=first_order, parameters=names,
-                    structured=structured, masks=current,
+                    structured=structured, masks=current, recompute=recompute,
                 )  # fmt: skip
                 total = {n: total[n] + s if n in total else s for n, s in part.items()}
             return {n: s / num_batches for n, s in total.items()}

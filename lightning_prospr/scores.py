@@ -28,7 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, evaluate_loss, sgd_unroll
+from lightning_prospr.unroll import (
+    LossFn,
+    StatelessLoss,
+    UnrollError,
+    evaluate_loss,
+    sgd_adjoint,
+    sgd_unroll,
+)
 
 __all__ = ["default_parameter_names", "prospr_scores", "take_batches"]
 
@@ -158,6 +165,7 @@ def prospr_scores(
     parameters: Sequence[str] | None = None,
     structured: bool = False,
     masks: Mapping[str, Tensor] | None = None,
+    recompute: bool = False,
 ) -> dict[str, Tensor]:
     """ProsPr saliency of each scored weight: :math:`|\\partial L_M / \\partial c|` at :math:`c = 1`.
 
@@ -178,6 +186,10 @@ def prospr_scores(
             have shape ``(out_channels, 1, ..., 1)``.
         masks: fixed keep-masks (bool, the weight's shape or broadcastable to it) that the network
             carries during the whole unroll, e.g. from an earlier round of iterative pruning.
+        recompute: full mode in bounded memory: keep only the iterates and rebuild one step's graph
+            at a time in the meta backward pass (:func:`~lightning_prospr.unroll.sgd_adjoint`). The
+            same scores; memory of about one unrolled step instead of ``M``, for roughly one more
+            forward and backward pass per step.
 
     Every parameter with ``requires_grad=True`` is updated in the inner loop (biases and norm
     layers too), and the model runs in train mode. Frozen parameters stay constant.
@@ -231,8 +243,9 @@ def prospr_scores(
         raise torch.OutOfMemoryError(
             f"Out of memory while scoring {len(names)} tensors with M={steps} unrolled steps "
             f"({'first-order' if first_order else 'full'} mode). Everything the unroll held has been "
-            "freed and the model is unchanged. Try, in this order: first_order=True (memory of about "
-            "one training step per inner step, no second-order graph), fewer `steps`, or a smaller "
+            "freed and the model is unchanged. Try, in this order: recompute=True (the same scores, "
+            "holding one inner step's graph instead of M), first_order=True (no second-order graph), "
+            "fewer `steps`, or a smaller "
             f"scoring batch. Original error: {out_of_memory}"
         )
     scores = {}
@@ -262,6 +275,7 @@ def _meta_gradients(
     first_order: bool,
     structured: bool = False,
     fixed: Mapping[str, Tensor] | None = None,
+    recompute: bool = False,
 ) -> dict[str, Tensor]:
     """d L_M / d c for each scored weight (signed, not yet reduced); see :func:`prospr_scores`."""
     model.train()
@@ -269,6 +283,19 @@ def _meta_gradients(
     scored = set(keys.values())
     multipliers = {keys[n]: m.to(named[keys[n]].dtype) for n, m in (fixed or {}).items() if n in keys}
     loss = StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()}, multipliers)
+    if recompute and not first_order:
+        # w_0 = c * theta_0, so dL/dc = theta_0 * dL/dw_0 (summed over each channel when structured).
+        adjoint = sgd_adjoint(
+            loss, {n: p.detach() for n, p in named.items()}, trainable, list(keys.values()), drawn,
+            lr=lr, momentum=momentum, weight_decay=weight_decay,
+        )  # fmt: skip
+        out = {}
+        for name, key in keys.items():
+            product = named[key].detach() * adjoint[key]
+            if structured:
+                product = product.sum(dim=tuple(range(1, product.dim())), keepdim=True)
+            out[name] = product
+        return out
     # The starting point shares storage with the model's parameters: no copy, never written to.
     start = {n: p.detach().requires_grad_(n in trainable or n in scored) for n, p in named.items()}
     masks = {}

@@ -185,3 +185,116 @@ def sgd_unroll(
             params[name] = new
         del value, grads
     return params
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def sgd_adjoint(
+    loss: StatelessLoss,
+    params: Mapping[str, Tensor],
+    trainable: Sequence[str],
+    wrt: Sequence[str],
+    batches: Sequence[Any],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> dict[str, Tensor]:
+    """:math:`\\partial L_M / \\partial w_0` through ``M = len(batches) - 1`` SGD steps, by recomputation.
+
+    The same derivative as backpropagating through :func:`sgd_unroll` with ``create_graph=True``,
+    but in bounded memory: the forward sweep keeps only the iterates :math:`w_t` (one copy of the
+    trainable tensors per step, no graph), and the reverse sweep rebuilds one step's graph at a time
+    to apply its transposed Jacobian with a Hessian-vector product. With :math:`g_t = \\nabla
+    L_t(w_t) + \\lambda w_t`, :math:`v_t = \\mu v_{t-1} + g_t` and :math:`w_{t+1} = w_t - \\alpha
+    v_t`, the adjoints run backwards from :math:`a_M = \\nabla L_M(w_M)`:
+
+    .. math::
+
+        b_t = \\mu b_{t+1} - \\alpha a_{t+1}, \\qquad
+        a_t = a_{t+1} + (\\nabla^2 L_t(w_t) + \\lambda I)\\, b_t, \\qquad b_M = 0.
+
+    Tensors in ``wrt`` that are not trainable (frozen, yet asked for) are constants of every step;
+    their adjoint collects :math:`\\partial L_M / \\partial p` plus the mixed terms of each step.
+    Random draws inside the loss (dropout) are replayed: each step's RNG state is saved and restored.
+
+    Args:
+        loss: the stateless loss.
+        params: every tensor the model needs at the start (:math:`w_0` for the trainable ones).
+        trainable: names updated by the inner SGD.
+        wrt: names to differentiate with respect to (at the start).
+        batches: ``M + 1`` batches: one per step, then the final loss's.
+        lr, momentum, weight_decay: as in :class:`torch.optim.SGD`.
+
+    Returns:
+        ``{name: dL_M / d params[name]}`` for ``name in wrt``.
+    """
+    steps = len(batches) - 1
+    device = next(iter(params.values())).device
+    constants = [n for n in wrt if n not in trainable]
+    current = {n: t.detach() for n, t in params.items()}
+    iterates: list[tuple[dict[str, Tensor], tuple[Tensor, Tensor | None]]] = []
+    velocity: dict[str, Tensor] = {}
+
+    def leaves(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: t.detach().requires_grad_(n in trainable or n in wrt) for n, t in values.items()}
+
+    for step in range(steps):
+        rng = _rng_state(device)
+        iterates.append(({n: current[n] for n in trainable}, rng))
+        inputs = leaves(current)
+        value = evaluate_loss(loss, inputs, batches[step], step, steps)
+        grads = torch.autograd.grad(value, [inputs[n] for n in trainable], allow_unused=True)
+        for name, grad in zip(trainable, grads, strict=True):
+            w = current[name]
+            grad = torch.zeros_like(w) if grad is None else grad
+            if weight_decay:
+                grad = grad + weight_decay * w
+            if momentum:
+                grad = grad if name not in velocity else momentum * velocity[name] + grad
+                velocity[name] = grad
+            current[name] = w - lr * grad
+        del value, grads, inputs
+    velocity.clear()
+
+    inputs = leaves(current)
+    value = evaluate_loss(loss, inputs, batches[steps], steps, steps)
+    names = [*trainable, *constants]
+    found = torch.autograd.grad(value, [inputs[n] for n in names], allow_unused=True)
+    adjoint = {n: torch.zeros_like(inputs[n]) if g is None else g for n, g in zip(names, found, strict=True)}
+    del value, found, inputs, current
+
+    carried: dict[str, Tensor] = {}
+    for step in reversed(range(steps)):
+        point, rng = iterates.pop()
+        b = {n: -lr * adjoint[n] + (momentum * carried[n] if n in carried else 0) for n in trainable}
+        _set_rng_state(rng, device)
+        inputs = leaves({**params, **point})
+        value = evaluate_loss(loss, inputs, batches[step], step, steps)
+        grads = torch.autograd.grad(
+            value, [inputs[n] for n in trainable], create_graph=True, allow_unused=True
+        )
+        used = [(n, g) for n, g in zip(trainable, grads, strict=True) if g is not None and g.requires_grad]
+        if used:
+            products = torch.autograd.grad(
+                [g for _, g in used], [inputs[n] for n in names], grad_outputs=[b[n] for n, _ in used],
+                allow_unused=True,
+            )  # fmt: skip
+            for name, product in zip(names, products, strict=True):
+                if product is not None:
+                    adjoint[name] = adjoint[name] + product
+        if weight_decay:
+            for name in trainable:
+                adjoint[name] = adjoint[name] + weight_decay * b[name]
+        carried = b if momentum else {}
+        del value, grads, used, inputs
+    return {n: adjoint[n] for n in wrt}

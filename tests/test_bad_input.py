@@ -107,7 +107,7 @@ def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return ce(m, batch)
 
-    with pytest.raises(torch.OutOfMemoryError, match=r"first_order=True.*fewer `steps`.*smaller") as info:
+    with pytest.raises(torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller") as info:
         prospr_scores(model, oom_at_third_call, [BATCH], steps=3)
     assert "Tried to allocate 20.00 GiB" in str(info.value)
     assert info.value.__context__ is None  # the traceback holding the unroll's graph was dropped

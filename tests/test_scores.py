@@ -201,3 +201,32 @@ def test_scores_on_any_module_with_tied_weights():
     scores = prospr_scores(model, lm_loss, [tokens], steps=2, parameters=names)
     assert list(scores) == names
     assert all(torch.isfinite(s).all() and s.abs().sum() > 0 for s in scores.values())
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("structured", [False, True])
+def test_recompute_gives_the_full_mode_scores(momentum, structured):
+    """The bounded-memory reverse sweep equals backprop through the stored unroll."""
+
+    class WithDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_convnet()
+            self.drop = nn.Dropout(0.3)
+            self.frozen = nn.Linear(3, 3)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.frozen(self.drop(self.body(x)))
+
+    torch.manual_seed(6)
+    model = WithDropout().double()
+    batches = make_batches("conv", 4, seed=7)
+    names = [*default_parameter_names(model), "frozen.weight"]
+    kwargs = dict(steps=3, lr=0.1, momentum=momentum, weight_decay=0.01, parameters=names, structured=structured)
+    torch.manual_seed(8)
+    full = prospr_scores(model, ce_loss, batches, **kwargs)
+    torch.manual_seed(8)
+    recomputed = prospr_scores(model, ce_loss, batches, recompute=True, **kwargs)
+    assert set(full) == set(recomputed) == set(names)
+    assert max_relative_error(recomputed, full) < 1e-10
