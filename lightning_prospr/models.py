@@ -18,11 +18,12 @@ embeddings are updated in the inner loop but not pruned.
 from __future__ import annotations
 
 import contextlib
-from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_prospr.unroll import twice_differentiable_attention
 
 __all__ = [
     "VGG16BN",
@@ -226,17 +227,6 @@ class VGG16BN(nn.Module):
         return self.classifier(out)
 
 
-def _math_sdpa() -> AbstractContextManager[object]:
-    """A context that restricts scaled-dot-product attention to the twice-differentiable math backend."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
-    except ImportError:  # torch 2.2: the older switch, which also governs the CPU kernels
-        return torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        )
-    return sdpa_kernel([SDPBackend.MATH])
-
-
 class TinyTransformerEncoder(nn.Module):
     """A small Transformer encoder for sequence classification.
 
@@ -255,12 +245,9 @@ class TinyTransformerEncoder(nn.Module):
         num_layers: encoder layers.
         num_classes: number of output logits.
         max_len: longest sequence accepted.
-        math_attention: compute attention with PyTorch's reference ("math") implementation of
-            :func:`torch.nn.functional.scaled_dot_product_attention` instead of the fused
-            flash / memory-efficient kernels. The fused kernels have no double backward, so
-            full-mode ProsPr (which differentiates through the inner gradient steps) fails on
-            them with "derivative for aten::_scaled_dot_product_flash_attention..._backward is not
-            implemented". Keep ``True`` for scoring; ``False`` is faster for plain training.
+        math_attention: always compute attention with PyTorch's reference ("math") implementation
+            of :func:`torch.nn.functional.scaled_dot_product_attention`. Not needed for ProsPr: the
+            scoring engine switches to it by itself while it differentiates twice.
 
     ``forward(tokens, padding_mask=None)`` takes ``tokens`` of shape ``(N, L)`` with ``L <= max_len``
     and an optional boolean ``padding_mask`` of the same shape, ``True`` at padded positions.
@@ -274,7 +261,7 @@ class TinyTransformerEncoder(nn.Module):
         num_layers: int = 2,
         num_classes: int = 2,
         max_len: int = 64,
-        math_attention: bool = True,
+        math_attention: bool = False,
     ) -> None:
         super().__init__()
         self.max_len = max_len
@@ -294,7 +281,7 @@ class TinyTransformerEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         positions = torch.arange(length, device=tokens.device)
         x = self.embedding(tokens) + self.position(positions)
-        with _math_sdpa() if self.math_attention else contextlib.nullcontext():
+        with twice_differentiable_attention() if self.math_attention else contextlib.nullcontext():
             x = self.encoder(x, src_key_padding_mask=padding_mask)
         if padding_mask is None:
             pooled = x.mean(dim=1)

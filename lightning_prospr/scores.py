@@ -282,7 +282,8 @@ def _meta_gradients(
     trainable = [n for n, p in named.items() if p.requires_grad]
     scored = set(keys.values())
     multipliers = {keys[n]: m.to(named[keys[n]].dtype) for n, m in (fixed or {}).items() if n in keys}
-    loss = StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()}, multipliers)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    loss = StatelessLoss(model, loss_fn, buffers, multipliers, second_order=not first_order)
     if recompute and not first_order:
         # w_0 = c * theta_0, so dL/dc = theta_0 * dL/dw_0 (summed over each channel when structured).
         adjoint = sgd_adjoint(

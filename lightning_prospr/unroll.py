@@ -21,7 +21,7 @@ step's gradient is a constant (first order).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -49,6 +49,23 @@ class _LossModule(nn.Module):
         return self._loss_fn(self.model, batch)
 
 
+def twice_differentiable_attention() -> AbstractContextManager[object]:
+    """Restrict :func:`torch.nn.functional.scaled_dot_product_attention` to its math backend.
+
+    The fused flash and memory-efficient kernels have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention..._backward is not implemented"), so second-order
+    unrolls through attention layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, or a
+    direct call) need the math implementation. Training itself is not affected.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        )
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class StatelessLoss:
     """``loss_fn(model, batch)`` evaluated with the model's tensors replaced by given ones.
 
@@ -60,6 +77,8 @@ class StatelessLoss:
             train-mode updates land on the clones and not on the model).
         multipliers: optional fixed factors (e.g. keep-masks) by parameter name: the model sees
             ``params[name] * multipliers[name]`` on every call.
+        second_order: the loss will be differentiated twice: run attention with its math backend
+            (see :func:`twice_differentiable_attention`).
     """
 
     def __init__(
@@ -68,7 +87,9 @@ class StatelessLoss:
         loss_fn: LossFn,
         buffers: Mapping[str, Tensor],
         multipliers: Mapping[str, Tensor] | None = None,
+        second_order: bool = False,
     ) -> None:
+        self._second_order = second_order
         self._module = _LossModule(model, loss_fn)
         self._buffers = {f"model.{name}": b for name, b in buffers.items()}
         self._multipliers = dict(multipliers or {})
@@ -78,7 +99,8 @@ class StatelessLoss:
         for name, t in params.items():
             factor = self._multipliers.get(name)
             tensors[f"model.{name}"] = t if factor is None else t * factor
-        return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
+        with twice_differentiable_attention() if self._second_order else nullcontext():
+            return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 
 def check_loss(loss: Any, where: str, source: str = "loss_fn") -> Tensor:

@@ -230,3 +230,16 @@ def test_recompute_gives_the_full_mode_scores(momentum, structured):
     recomputed = prospr_scores(model, ce_loss, batches, recompute=True, **kwargs)
     assert set(full) == set(recomputed) == set(names)
     assert max_relative_error(recomputed, full) < 1e-10
+
+
+def test_full_mode_through_fused_attention_layers():
+    """nn.TransformerEncoderLayer calls fused attention kernels that have no double backward; the
+    engine switches to the math backend while it differentiates twice."""
+    torch.manual_seed(9)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 5, 3))
+    batch = (torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))
+    full = prospr_scores(model, ce_loss, [batch], steps=2)
+    recomputed = prospr_scores(model, ce_loss, [batch], steps=2, recompute=True)
+    assert "0.linear1.weight" in full and all(torch.isfinite(s).all() for s in full.values())
+    assert max_relative_error(recomputed, full) < 1e-4
