@@ -8,15 +8,19 @@ batches come from, which loss is differentiated, how ranks agree, and what goes 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -32,12 +36,15 @@ from lightning_prospr.masking import (
 )
 from lightning_prospr.pipeline import _example_input as _batch_input
 from lightning_prospr.pipeline import compute_masks
-from lightning_prospr.report import SparsityReport
+from lightning_prospr.report import SparsityReport, density_figure
 from lightning_prospr.scores import _check_hyperparameters, resolve_parameters
 from lightning_prospr.selection import check_sparsity
 from lightning_prospr.unroll import UnrollError, check_loss
 
 __all__ = ["ProsprPruningCallback"]
+
+#: Seconds of scoring before the progress bar appears.
+PROGRESS_DELAY = 1.0
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -108,6 +115,8 @@ class ProsprPruningCallback(Callback):
         make_permanent: at the end of ``fit``, bake the masks into the weights and remove the
             re-parametrization (plain ``weight`` parameters with zeros), like Lightning's
             ``ModelPruning(make_pruning_permanent=True)``.
+        density_plot: save a bar chart of the per-layer density as ``prospr_density.png`` in the
+            log directory, and send it to TensorBoard loggers (needs matplotlib).
         verbose: print the per-layer table on rank 0.
 
     The loss is ``training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``; ``self.log``
@@ -148,6 +157,7 @@ class ProsprPruningCallback(Callback):
         keep_connected: bool = True,
         seed: int = 0,
         make_permanent: bool = False,
+        density_plot: bool = False,
         verbose: bool = True,
     ) -> None:
         check_sparsity(sparsity)
@@ -179,6 +189,8 @@ class ProsprPruningCallback(Callback):
         self.keep_connected = bool(keep_connected)
         self.seed = seed
         self.make_permanent = bool(make_permanent)
+        self.density_plot = bool(density_plot)
+        self.density_plot_path: str | None = None
         self.verbose = bool(verbose)
         self._masks: dict[str, Tensor] | None = None
         self._handles: list[RemovableHandle] = []
@@ -278,8 +290,14 @@ class ProsprPruningCallback(Callback):
             batches = self._draw_batches(trainer, pl_module)
             precision = trainer.precision_plugin
 
+            per_unroll = self.steps + 1 + (self.steps if self.recompute and not self.first_order else 0)
+            passes = {"prospr": per_unroll, "snip": 1, "grasp": 2}.get(self.method, 0)
+            bar = self._progress(trainer, passes * self.num_batches * (self.rounds or 1))
+
             def loss_fn(model: Any, item: tuple[int, Any]) -> Tensor:
                 batch_idx, batch = item
+                if bar is not None:
+                    bar.update(1)
                 with precision.train_step_context():
                     if custom is not None:
                         out = model.prospr_loss(batch, batch_idx)
@@ -307,30 +325,34 @@ class ProsprPruningCallback(Callback):
                     return scores
                 return {n: trainer.strategy.reduce(v, reduce_op="sum") for n, v in scores.items()}
 
-            with _logging_disabled(pl_module):
-                result = compute_masks(
-                    pl_module,
-                    loss_fn,
-                    batches,
-                    self.sparsity,
-                    method=self.method,
-                    steps=self.steps,
-                    lr=self.lr,
-                    momentum=self.momentum,
-                    weight_decay=self.weight_decay,
-                    first_order=self.first_order,
-                    recompute=self.recompute,
-                    parameters=names,
-                    structured=self.structured,
-                    rounds=self.rounds,
-                    num_batches=self.num_batches,
-                    layer_floor=self.layer_floor,
-                    keep_connected=self.keep_connected,
-                    example_input=_example_input(pl_module, batches[0][1]),
-                    within=within,
-                    seed=self.seed,
-                    score_hook=sum_over_ranks,
-                )
+            try:
+                with _logging_disabled(pl_module):
+                    result = compute_masks(
+                        pl_module,
+                        loss_fn,
+                        batches,
+                        self.sparsity,
+                        method=self.method,
+                        steps=self.steps,
+                        lr=self.lr,
+                        momentum=self.momentum,
+                        weight_decay=self.weight_decay,
+                        first_order=self.first_order,
+                        recompute=self.recompute,
+                        parameters=names,
+                        structured=self.structured,
+                        rounds=self.rounds,
+                        num_batches=self.num_batches,
+                        layer_floor=self.layer_floor,
+                        keep_connected=self.keep_connected,
+                        example_input=_example_input(pl_module, batches[0][1]),
+                        within=within,
+                        seed=self.seed,
+                        score_hook=sum_over_ranks,
+                    )
+            finally:
+                if bar is not None:
+                    bar.close()
         masks = result.masks
         if trainer.world_size > 1:
             masks = trainer.strategy.broadcast(masks, src=0)
@@ -370,6 +392,34 @@ class ProsprPruningCallback(Callback):
             rank_zero_info(self.report.table())
         for logger in trainer.loggers:
             logger.log_metrics(self.report.metrics(), step=trainer.global_step)
+        if self.density_plot and trainer.is_global_zero:
+            self._plot(trainer)
+
+    def _plot(self, trainer: pl.Trainer) -> None:
+        """The per-layer density chart: a PNG next to the logs, and an image for TensorBoard."""
+        assert self.report is not None
+        figure = density_figure(self.report)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.density_plot_path = str(folder / "prospr_density.png")
+        figure.savefig(self.density_plot_path, dpi=120)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("prospr/density", figure, global_step=trainer.global_step)
+
+    def _progress(self, trainer: pl.Trainer, total: int) -> Any:
+        """A bar over the scoring's loss evaluations, shown when the Trainer shows one and scoring
+        lasts more than ``PROGRESS_DELAY`` seconds; ``None`` otherwise."""
+        if total < 1 or trainer.progress_bar_callback is None or not trainer.is_global_zero:
+            return None
+        return Tqdm(
+            total=total,
+            desc="ProsPr scoring",
+            unit="pass",
+            delay=PROGRESS_DELAY,
+            leave=False,
+            file=sys.stderr,
+        )
 
 
 def _train_dataloader(trainer: pl.Trainer) -> Any:

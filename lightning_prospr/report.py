@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LayerSparsity", "SparsityReport"]
+__all__ = ["LayerSparsity", "SparsityReport", "density_figure"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,27 @@ class SparsityReport:
         lines = [title, fmt(header), line, *map(fmt, rows), line, fmt(total_row)]
         lines.append(f"Global sparsity: {100 * self.sparsity:.2f} %   Scoring time: {self.seconds:.2f} s")
         return "\n".join(lines)
+
+
+def density_figure(report: SparsityReport) -> Any:
+    """A bar chart of the density kept in each layer (matplotlib ``Figure``; needs matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - matplotlib is in the examples/dev extras
+        raise ImportError(
+            "The density chart needs matplotlib: `pip install matplotlib`, or set density_plot=False."
+        ) from err
+    names = [layer.name for layer in report.layers]
+    density = [100 * layer.density for layer in report.layers]
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(names)), density, color="#4C72B0")
+    overall = 100 * (1 - report.sparsity)
+    ax.axhline(overall, color="#C44E52", linestyle="--", linewidth=1, label=f"overall {overall:.2f} %")
+    ax.set_yscale("log")
+    ax.set_ylabel("weights kept (%)")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_title(f"Per-layer density{f' ({report.method})' if report.method else ''}", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.bar_label(bars, labels=[f"{d:.2g}" for d in density], fontsize=7, padding=2)
+    return fig
