@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -48,13 +49,51 @@ def _aliases(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
     return found
 
 
+#: Forward pre-hooks on the ancestors of each masked (module, attribute), by module.
+_REFRESH: WeakKeyDictionary[nn.Module, dict[str, list[RemovableHandle]]] = WeakKeyDictionary()
+
+
+def _install_refresh(model: nn.Module, module: nn.Module, attr: str) -> None:
+    """Recompute ``module.<attr> = <attr>_orig * <attr>_mask`` before the forward of every ancestor.
+
+    ``torch.nn.utils.prune`` refreshes the attribute only in ``module``'s own forward pre-hook, but
+    some modules read a child's weight without calling the child: ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to a functional kernel, ``nn.TransformerEncoderLayer``'s fast path reads it
+    too, and a tied weight may be used through ``F.linear``. Without a refresh those forwards see a
+    stale tensor (and backpropagate through a freed graph).
+    """
+    paths = [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
+    ancestors: list[nn.Module] = []
+    for path in paths:
+        parts = path.split(".") if path else []
+        for depth in range(len(parts)):
+            parent = model.get_submodule(".".join(parts[:depth]))
+            if all(parent is not a for a in ancestors):
+                ancestors.append(parent)
+
+    def refresh(_parent: nn.Module, _inputs: Any) -> None:
+        hook = _hook(module, attr)
+        if hook is not None:
+            setattr(module, attr, hook.apply_mask(module))
+
+    handles = [parent.register_forward_pre_hook(refresh) for parent in ancestors]
+    _REFRESH.setdefault(module, {}).setdefault(attr, []).extend(handles)
+
+
+def _remove_refresh(module: nn.Module, attr: str) -> None:
+    for handle in _REFRESH.get(module, {}).pop(attr, []):
+        handle.remove()
+
+
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Register each keep-mask with :func:`torch.nn.utils.prune.custom_from_mask`.
 
     The effective weight becomes ``weight_orig * mask`` from the next forward on, and the
     ``weight`` attribute is updated at once. A weight shared by several modules (tied weights) is
     masked in each of them. A weight that is already pruned gets the masks composed (multiplied)
-    by ``torch.nn.utils.prune``'s container.
+    by ``torch.nn.utils.prune``'s container. The masked attribute is also refreshed before the
+    forward of every ancestor module, for modules that read a child's weight without calling it
+    (``nn.MultiheadAttention``'s ``out_proj``).
     """
     for name, mask in masks.items():
         for module, attr in _aliases(model, name):
@@ -65,7 +104,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
                     f"mask for {name!r} has shape {tuple(mask.shape)} but the weight has "
                     f"{tuple(param.shape)}; masks must come from the same model."
                 )
+            already = _hook(module, attr) is not None
             prune.custom_from_mask(module, attr, mask.to(device=param.device, dtype=param.dtype))
+            if not already:
+                _install_refresh(model, module, attr)
 
 
 def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
@@ -95,6 +137,7 @@ def remove_masks(model: nn.Module, names: list[str], bake: bool = True) -> None:
             hook = _hook(module, attr)
             if hook is None:
                 continue
+            _remove_refresh(module, attr)
             if bake:
                 prune.remove(module, attr)
                 continue

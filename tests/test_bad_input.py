@@ -21,7 +21,7 @@ from lightning_prospr import (
     global_masks,
     prospr_scores,
 )
-from lightning_prospr.masking import effective_weight
+from lightning_prospr.masking import effective_weight, plain_state_dict
 
 F = nn.functional
 
@@ -107,7 +107,9 @@ def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return ce(m, batch)
 
-    with pytest.raises(torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller") as info:
+    with pytest.raises(
+        torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller"
+    ) as info:
         prospr_scores(model, oom_at_third_call, [BATCH], steps=3)
     assert "Tried to allocate 20.00 GiB" in str(info.value)
     assert info.value.__context__ is None  # the traceback holding the unroll's graph was dropped
@@ -325,3 +327,24 @@ def test_failure_inside_training_step_leaves_everything_as_it_was():
     assert not any(n.endswith("_orig") for n, _ in module.named_parameters())
     assert trainer.optimizers[0].state_dict()["state"] == {}  # Adam never stepped
     assert "log" not in vars(module)  # self.log restored
+
+
+def test_masks_hold_where_a_parent_reads_the_weight_without_calling_the_child():
+    """nn.MultiheadAttention hands out_proj.weight to a functional kernel; the mask must apply."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    reference = copy.deepcopy(attention)
+    mask = torch.rand(8, 8) > 0.5
+    apply_masks(attention, {"out_proj.weight": mask})
+    optimizer = torch.optim.SGD(attention.parameters(), lr=0.5)
+    x = torch.randn(3, 4, 8)
+    for _ in range(3):  # several steps: a stale weight would fail on the second backward
+        optimizer.zero_grad()
+        attention(x, x, x)[0].pow(2).sum().backward()
+        optimizer.step()
+    plain_state_dict(attention, ["out_proj.weight"])
+    with torch.no_grad():
+        reference.load_state_dict(attention.state_dict())  # plain (masked) weights
+        reference.eval(), attention.eval()
+        assert torch.equal(reference.out_proj.weight == 0, ~mask)
+        assert torch.allclose(attention(x, x, x)[0], reference(x, x, x)[0])

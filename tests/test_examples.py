@@ -26,3 +26,11 @@ def test_digits_main_example_reaches_stated_accuracy(tmp_path):
     result = load("digits").main(["--log-dir", str(tmp_path)])
     assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert result["test_acc"] >= 0.95
+
+
+def test_sequence_example_needs_nothing_vision_specific(tmp_path):
+    """A Transformer encoder on token sequences; full-mode ProsPr through attention. Measured: 86%
+    test accuracy at 90% sparsity with 8 epochs (seed 0); 4 epochs here."""
+    result = load("sequence").main(["--epochs", "4", "--log-dir", str(tmp_path)])
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert result["test_acc"] >= 0.7  # chance is 0.5
