@@ -223,7 +223,9 @@ def test_recompute_gives_the_full_mode_scores(momentum, structured):
     model = WithDropout().double()
     batches = make_batches("conv", 4, seed=7)
     names = [*default_parameter_names(model), "frozen.weight"]
-    kwargs = dict(steps=3, lr=0.1, momentum=momentum, weight_decay=0.01, parameters=names, structured=structured)
+    kwargs = dict(
+        steps=3, lr=0.1, momentum=momentum, weight_decay=0.01, parameters=names, structured=structured
+    )
     torch.manual_seed(8)
     full = prospr_scores(model, ce_loss, batches, **kwargs)
     torch.manual_seed(8)
