@@ -27,7 +27,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prospr.baselines import check_method
 from lightning_prospr.masking import (
     apply_masks,
     current_masks,
@@ -35,7 +34,7 @@ from lightning_prospr.masking import (
     remove_masks,
 )
 from lightning_prospr.pipeline import _example_input as _batch_input
-from lightning_prospr.pipeline import compute_masks
+from lightning_prospr.pipeline import check_options, compute_masks
 from lightning_prospr.report import SparsityReport, density_figure
 from lightning_prospr.scores import _check_hyperparameters, resolve_parameters
 from lightning_prospr.selection import check_sparsity
@@ -161,13 +160,8 @@ class ProsprPruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         check_sparsity(sparsity)
-        check_method(method)
         _check_hyperparameters(steps, lr, momentum, weight_decay)
-        for arg, value, low in (("num_batches", num_batches, 1), ("layer_floor", layer_floor, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{arg}` must be an integer >= {low}, got {value!r}.")
-        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
-            raise ValueError(f"`rounds` must be an integer >= 1 or None, got {rounds!r}.")
+        check_options(method, structured, rounds, num_batches, layer_floor)
         if parameters is not None and (isinstance(parameters, str) or not parameters):
             raise ValueError(
                 f"`parameters` must be a non-empty list of parameter names or None, got {parameters!r}."
@@ -362,7 +356,9 @@ class ProsprPruningCallback(Callback):
                 f"alive and connected ({result.guard.summary()}); pass layer_floor=0, keep_connected=False "
                 "for plain top-k."
             )
-        self.report = SparsityReport.from_masks(masks, time.perf_counter() - start, self.description)
+        self.report = SparsityReport.from_masks(
+            masks, time.perf_counter() - start, self.description, result.channel_masks, result.macs
+        )
         return masks
 
     def _draw_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[int, Any]]:

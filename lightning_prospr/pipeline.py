@@ -22,11 +22,11 @@ from lightning_prospr.baselines import (
     synflow_scores,
 )
 from lightning_prospr.guard import GuardReport, guard_masks
-from lightning_prospr.scores import parameter_key, prospr_scores, resolve_parameters
+from lightning_prospr.scores import parameter_key, preserved_state, prospr_scores, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks
-from lightning_prospr.unroll import LossFn
+from lightning_prospr.unroll import LossFn, StatelessLoss
 
-__all__ = ["MaskResult", "compute_masks", "density_schedule"]
+__all__ = ["MaskResult", "check_options", "compute_masks", "density_schedule", "layer_macs"]
 
 #: Methods that take part in iterative rounds by re-scoring the masked network.
 ITERATIVE_METHODS = ("prospr", "snip", "synflow")
@@ -43,12 +43,14 @@ class MaskResult:
         channel_masks: ``{name: bool per output channel}`` when structured, else empty.
         guard: what the layer-collapse guard changed.
         seconds: wall time of scoring and selection.
+        macs: multiply-accumulates per sample of each pruned layer when dense (structured only).
     """
 
     masks: dict[str, Tensor]
     channel_masks: dict[str, Tensor] = field(default_factory=dict)
     guard: GuardReport = field(default_factory=GuardReport)
     seconds: float = 0.0
+    macs: dict[str, int] = field(default_factory=dict)
 
 
 def density_schedule(sparsity: float, rounds: int) -> list[float]:
@@ -57,6 +59,32 @@ def density_schedule(sparsity: float, rounds: int) -> list[float]:
     Round :math:`r` keeps :math:`d_r = (1 - s)^{r / R}`; the last round is ``sparsity`` exactly.
     """
     return [1.0 - (1.0 - sparsity) ** (r / rounds) for r in range(1, rounds)] + [sparsity]
+
+
+def check_options(
+    method: str, structured: bool, rounds: int | None, num_batches: int, layer_floor: int
+) -> int:
+    """Validate how masks are to be computed (before any work); returns the number of rounds."""
+    check_method(method)
+    for arg, value, low in (("num_batches", num_batches, 1), ("layer_floor", layer_floor, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{arg}` must be an integer >= {low}, got {value!r}.")
+    if rounds is None:
+        rounds = 100 if method == "synflow" else 1
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"`rounds` must be an integer >= 1 (1 is one-shot), got {rounds!r}.")
+    if rounds > 1 and method not in ITERATIVE_METHODS:
+        raise ValueError(
+            f"`rounds`={rounds} needs a method that re-scores the masked network: one of "
+            f"{', '.join(ITERATIVE_METHODS)} (method={method!r} scores the same weights every round)."
+        )
+    if structured and method not in STRUCTURED_METHODS:
+        raise ValueError(
+            f"`structured=True` supports method in {', '.join(STRUCTURED_METHODS)}, not {method!r}."
+        )
+    if structured and method == "synflow" and rounds > 1:
+        raise ValueError("iterative SynFlow supports neither `structured` nor pre-pruned weights.")
+    return rounds
 
 
 def _example_input(batch: Any) -> Tensor | None:
@@ -128,29 +156,7 @@ def compute_masks(
     """
     start = time.perf_counter()
     check_sparsity(sparsity)
-    check_method(method)
-    for arg, value in (("num_batches", num_batches), ("layer_floor", layer_floor)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (1 if arg == "num_batches" else 0)
-        ):
-            raise ValueError(
-                f"`{arg}` must be an integer >= {1 if arg == 'num_batches' else 0}, got {value!r}."
-            )
-    if rounds is None:
-        rounds = 100 if method == "synflow" else 1
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"`rounds` must be an integer >= 1 (1 is one-shot), got {rounds!r}.")
-    if rounds > 1 and method not in ITERATIVE_METHODS:
-        raise ValueError(
-            f"`rounds`={rounds} needs a method that re-scores the masked network: one of "
-            f"{', '.join(ITERATIVE_METHODS)} (method={method!r} scores the same weights every round)."
-        )
-    if structured and method not in STRUCTURED_METHODS:
-        raise ValueError(
-            f"`structured=True` supports method in {', '.join(STRUCTURED_METHODS)}, not {method!r}."
-        )
+    rounds = check_options(method, structured, rounds, num_batches, layer_floor)
     if structured and parameters is None:
         parameters = resolve_parameters(model, None)[:-1]  # the classifier keeps all its classes
         if not parameters:
@@ -220,10 +226,43 @@ def compute_masks(
         )
     named = dict(model.named_parameters())
     channel_masks: dict[str, Tensor] = {}
+    macs: dict[str, int] = {}
     if structured:
         channel_masks = {n: m.reshape(-1) for n, m in masks.items()}
         masks = {n: m.expand_as(named[parameter_key(named, n)]).clone() for n, m in masks.items()}
-    return MaskResult(masks, channel_masks, guard, time.perf_counter() - start)
+        macs = layer_macs(model, loss_fn, stream.peek(), list(masks))
+    return MaskResult(masks, channel_masks, guard, time.perf_counter() - start, macs)
+
+
+def layer_macs(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequence[str]) -> dict[str, int]:
+    """Multiply-accumulates per sample of the layers owning ``names``, from one forward pass.
+
+    A layer whose weight has ``n`` output channels and fan-in ``f`` (``weight.numel() / n``) and whose
+    output holds ``e`` elements per sample costs ``e * f`` MACs (a Linear on ``(N, d)``: ``n * d``;
+    a Conv: ``out_channels * H_out * W_out * in_channels / groups * kernel``). The pass runs the
+    loss on cloned buffers (the model is not changed); layers not called give 0.
+    """
+    named = dict(model.named_parameters())
+    found: dict[str, int] = dict.fromkeys(names, 0)
+    handles = []
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        weight = named[parameter_key(named, name)]
+        fan_in = weight.numel() // max(1, weight.shape[0])
+
+        def count(mod: nn.Module, inputs: Any, output: Any, name: str = name, fan_in: int = fan_in) -> None:
+            if isinstance(output, Tensor) and output.dim() >= 1 and output.shape[0]:
+                found[name] += output.numel() // output.shape[0] * fan_in
+
+        handles.append(module.register_forward_hook(count))
+    try:
+        with preserved_state(model, next(iter(named.values())).device):
+            model.train()
+            StatelessLoss(model, loss_fn, {n: b.clone() for n, b in model.named_buffers()})(named, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 class _BatchStream:

@@ -13,11 +13,15 @@ __all__ = ["LayerSparsity", "SparsityReport", "density_figure"]
 
 @dataclass(frozen=True)
 class LayerSparsity:
-    """Kept and total weights of one pruned tensor."""
+    """Kept and total weights of one pruned tensor; for structured pruning also its output channels
+    and the multiply-accumulates per sample of the dense layer (``macs``, 0 when unknown)."""
 
     name: str
     kept: int
     total: int
+    channels_kept: int = 0
+    channels_total: int = 0
+    macs: int = 0
 
     @property
     def density(self) -> float:
@@ -40,13 +44,50 @@ class SparsityReport:
 
     @classmethod
     def from_masks(
-        cls, masks: Mapping[str, Tensor], seconds: float = 0.0, method: str = ""
+        cls,
+        masks: Mapping[str, Tensor],
+        seconds: float = 0.0,
+        method: str = "",
+        channel_masks: Mapping[str, Tensor] | None = None,
+        macs: Mapping[str, int] | None = None,
     ) -> SparsityReport:
-        """Count kept weights in ``{name: bool mask}``."""
+        """Count kept weights in ``{name: bool mask}`` (and kept channels, for structured masks)."""
+        channel_masks = channel_masks or {}
         layers = tuple(
-            LayerSparsity(name, int(mask.count_nonzero()), mask.numel()) for name, mask in masks.items()
+            LayerSparsity(
+                name,
+                int(mask.count_nonzero()),
+                mask.numel(),
+                int(channel_masks[name].count_nonzero()) if name in channel_masks else 0,
+                channel_masks[name].numel() if name in channel_masks else 0,
+                int((macs or {}).get(name, 0)),
+            )
+            for name, mask in masks.items()
         )
         return cls(layers, seconds, method)
+
+    @property
+    def structured(self) -> bool:
+        return any(layer.channels_total for layer in self.layers)
+
+    def dense_rebuild(self) -> dict[str, float]:
+        """Weights and multiply-accumulates per sample of the pruned layers, before and after a dense
+        re-build that drops the removed output channels.
+
+        Counted per layer from its own output channels only: a layer with ``k`` of ``n`` channels
+        kept keeps ``k / n`` of its weights and of its MACs (``out_elements x fan_in`` per sample).
+        The matching input channels of the next layer, biases and norm layers are not counted, so
+        the reduction is a lower bound of what a re-build gets.
+        """
+        before = sum(layer.total for layer in self.layers)
+        after = sum(layer.kept for layer in self.layers)
+        macs_before = sum(layer.macs for layer in self.layers)
+        macs_after = sum(
+            layer.macs * layer.channels_kept / layer.channels_total
+            for layer in self.layers
+            if layer.channels_total
+        )
+        return {"weights": before, "weights_kept": after, "macs": macs_before, "macs_kept": macs_after}
 
     @property
     def kept(self) -> int:
@@ -65,18 +106,40 @@ class SparsityReport:
         """Flat metrics for loggers: global and per-layer sparsity, and scoring seconds."""
         out = {f"{prefix}/sparsity": self.sparsity, f"{prefix}/scoring_seconds": self.seconds}
         out.update({f"{prefix}/sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+        if self.structured:
+            rebuild = self.dense_rebuild()
+            out[f"{prefix}/weights_kept_fraction"] = rebuild["weights_kept"] / max(1, rebuild["weights"])
+            if rebuild["macs"]:
+                out[f"{prefix}/macs_kept_fraction"] = rebuild["macs_kept"] / rebuild["macs"]
         return out
 
     def table(self) -> str:
         """An aligned, human-readable table with a totals row."""
-        header = ("", "Layer", "Kept", "Total", "Density")
-        rows = [
+        header: tuple[str, ...] = ("", "Layer", "Kept", "Total", "Density")
+        rows: list[tuple[str, ...]] = [
             (str(i), layer.name, f"{layer.kept:,}", f"{layer.total:,}", f"{100 * layer.density:.2f} %")
             for i, layer in enumerate(self.layers)
         ]
-        total_row = ("", "Total", f"{self.kept:,}", f"{self.total:,}", f"{100 * (1 - self.sparsity):.2f} %")
+        total_row: tuple[str, ...] = (
+            "",
+            "Total",
+            f"{self.kept:,}",
+            f"{self.total:,}",
+            f"{100 * (1 - self.sparsity):.2f} %",
+        )
+        if self.structured:
+            header = (*header, "Channels")
+            rows = [
+                (*row, f"{layer.channels_kept}/{layer.channels_total}")
+                for row, layer in zip(rows, self.layers, strict=True)
+            ]
+            channels = (
+                sum(la.channels_kept for la in self.layers),
+                sum(la.channels_total for la in self.layers),
+            )
+            total_row = (*total_row, f"{channels[0]}/{channels[1]}")
         widths = [max(len(r[c]) for r in (header, *rows, total_row)) for c in range(len(header))]
-        right = {2, 3, 4}
+        right = {2, 3, 4, 5}
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
@@ -89,6 +152,12 @@ class SparsityReport:
         title = f"ProsPr pruning{f' ({self.method})' if self.method else ''}"
         lines = [title, fmt(header), line, *map(fmt, rows), line, fmt(total_row)]
         lines.append(f"Global sparsity: {100 * self.sparsity:.2f} %   Scoring time: {self.seconds:.2f} s")
+        if self.structured:
+            rebuild = self.dense_rebuild()
+            text = f"Dense re-build: weights {rebuild['weights']:,} -> {rebuild['weights_kept']:,}"
+            if rebuild["macs"]:
+                text += f", MACs per sample {rebuild['macs']:,.0f} -> {rebuild['macs_kept']:,.0f}"
+            lines.append(text + " (own output channels only; a lower bound on the saving)")
         return "\n".join(lines)
 
 

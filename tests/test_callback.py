@@ -231,6 +231,11 @@ def test_manual_optimization_needs_prospr_loss(tmp_path):
         ({"sparsity": 0.5, "lr": 0.0}, "lr"),
         ({"sparsity": 0.5, "lr": float("inf")}, "lr"),
         ({"sparsity": 0.5, "parameters": "net.0.weight"}, "parameters"),
+        ({"sparsity": 0.5, "method": "prospr++"}, "unknown pruning method 'prospr\\+\\+'"),
+        ({"sparsity": 0.5, "method": "grasp", "structured": True}, "structured=True` supports"),
+        ({"sparsity": 0.5, "method": "random", "rounds": 4}, "needs a method that re-scores"),
+        ({"sparsity": 0.5, "num_batches": 0}, "num_batches"),
+        ({"sparsity": 0.5, "layer_floor": -1}, "layer_floor"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

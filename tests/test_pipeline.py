@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prospr import ProsprPruningCallback, prospr_scores
+from lightning_prospr import ProsprPruningCallback, SparsityReport, prospr_scores
 from lightning_prospr.guard import guard_masks, path_gradients
 from lightning_prospr.models import ResNet20
 from lightning_prospr.pipeline import compute_masks, density_schedule
@@ -102,6 +102,16 @@ def test_structured_masks_remove_whole_channels_and_spare_the_classifier():
         per_channel = mask.reshape(mask.shape[0], -1)
         assert bool((per_channel.all(1) | ~per_channel.any(1)).all())  # each channel all-or-nothing
         assert torch.equal(per_channel[:, 0], result.channel_masks[name])
+    # MACs per sample, by hand: conv 1->6 3x3 on 6x6 gives 6x4x4 outputs of fan-in 9; conv 6->8 3x3
+    # on 4x4 gives 8x2x2 outputs of fan-in 54.
+    assert result.macs == {"0.weight": 6 * 4 * 4 * 9, "3.weight": 8 * 2 * 2 * 54}
+    report = SparsityReport.from_masks(result.masks, 0.0, "s", result.channel_masks, result.macs)
+    kept = {n: int(m.sum()) for n, m in result.channel_masks.items()}
+    rebuild = report.dense_rebuild()
+    assert rebuild["macs"] == 864 + 1728
+    assert rebuild["macs_kept"] == pytest.approx(864 * kept["0.weight"] / 6 + 1728 * kept["3.weight"] / 8)
+    table = report.table()
+    assert f"{kept['0.weight']}/6" in table and "Dense re-build: weights 486 -> " in table
 
 
 def test_fixed_masks_equal_a_model_pruned_beforehand():
