@@ -233,6 +233,7 @@ def prospr_scores(
                 first_order,
                 structured,
                 masks,
+                recompute,
             )
     except torch.OutOfMemoryError as err:
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_prospr.scores as scores_module
 from lightning_prospr import default_parameter_names, prospr_scores
 
 F = nn.functional
@@ -205,7 +206,7 @@ def test_scores_on_any_module_with_tied_weights():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("structured", [False, True])
-def test_recompute_gives_the_full_mode_scores(momentum, structured):
+def test_recompute_gives_the_full_mode_scores(momentum, structured, monkeypatch):
     """The bounded-memory reverse sweep equals backprop through the stored unroll."""
 
     class WithDropout(nn.Module):
@@ -229,6 +230,11 @@ def test_recompute_gives_the_full_mode_scores(momentum, structured):
     torch.manual_seed(8)
     full = prospr_scores(model, ce_loss, batches, **kwargs)
     torch.manual_seed(8)
+
+    def no_stored_unroll(*args, **kwargs):
+        raise AssertionError("recompute=True must not store the unrolled graph")
+
+    monkeypatch.setattr(scores_module, "sgd_unroll", no_stored_unroll)
     recomputed = prospr_scores(model, ce_loss, batches, recompute=True, **kwargs)
     assert set(full) == set(recomputed) == set(names)
     assert max_relative_error(recomputed, full) < 1e-10
