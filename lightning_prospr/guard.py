@@ -13,9 +13,11 @@ set in place of plain top-k, keeping the number of removed weights exactly the s
    tensor must keep at least one weight on a path. A tensor with none gets its best-scored pruned
    weight whose addition would complete a path.
 
-Each weight added is paid for by removing a kept weight: first kept weights that lie on no path
-(they cannot affect the output), lowest score first; then the lowest-scored weights of tensors that
-keep more than their floor.
+The additions come first, all of them; then they are paid for, one removed kept weight each: first
+kept weights that lie on no path once the repairs are in place (removing them cannot change any
+path), lowest score first; then the lowest-scored weights of tensors that keep more than their
+floor, skipping any whose removal would leave a tensor without a weight on a path. Weights the
+guard added are never the ones removed.
 """
 
 from __future__ import annotations
@@ -198,82 +200,112 @@ def guard_masks(
     floors = {n: min(layer_floor, m.numel()) for n, m in masks.items()}
 
     protected = {n: torch.zeros(m.numel(), dtype=torch.bool, device=m.device) for n, m in masks.items()}
+    connect = model is not None and isinstance(example_input, Tensor)
 
     def add(name: str, index: int) -> None:
         masks[name].view(-1)[index] = True
         protected[name][index] = True
         report.added[name] = report.added.get(name, 0) + 1
 
-    def remove_one(paths: Paths | None) -> None:
-        """Drop the cheapest kept weight that the guard did not add: off-path ones first, then from
-        tensors above their floor that keep another weight on a path."""
-        best: tuple[int, float, str, int] | None = None
-        for name, mask in masks.items():
-            if int(mask.sum()) <= floors[name]:
-                continue
-            flat = mask.view(-1) & ~protected[name]
-            tier, allowed = 1, flat
-            if paths is not None:
-                off_path = flat & (paths.grads[name].view(-1) == 0)
-                if off_path.any():
-                    tier, allowed = 0, off_path
-                elif paths.on_path(name, mask) <= 1:
-                    continue
-            if not allowed.any():
-                continue
-            s = flat_scores[name].masked_fill(~allowed, math.inf)
-            i = int(torch.argmin(s))
-            key = (tier, float(s[i]), name, i)
-            if best is None or key[:2] < best[:2]:
-                best = key
-        if best is None:
-            raise RuntimeError(
-                "the layer-collapse guard found no weight it could give up; lower `layer_floor`."
-            )
-        _, _, name, index = best
+    def drop(name: str, index: int) -> None:
         masks[name].view(-1)[index] = False
         report.removed[name] = report.removed.get(name, 0) + 1
 
-    # 1. Floors.
+    def paths_now() -> Paths | None:
+        if not report.connectivity_checked or model is None or example_input is None:
+            return None
+        return path_gradients(model, masks, example_input)
+
+    # 1. Floors: every tensor keeps its best-scored weights up to the floor.
     for name, mask in masks.items():
         missing = floors[name] - int(mask.sum())
         if missing > 0:
             order = torch.argsort(flat_scores[name].masked_fill(mask.view(-1), -math.inf), descending=True)
             for index in order[:missing].tolist():
                 add(name, index)
-                remove_one(None)
 
-    # 2. Connectivity: repair dead tensors one weight at a time, re-tracing paths after each change.
-    if model is not None and isinstance(example_input, Tensor):
+    # 2. Connectivity: add one weight at a time to tensors with no kept weight on a path.
+    if connect:
+        assert model is not None and example_input is not None
         ones = {n: torch.ones_like(m) for n, m in masks.items()}
         dense = path_gradients(model, ones, example_input)
         report.connectivity_checked = dense.total > 0 and all(dense.on_path(n, ones[n]) for n in masks)
-        if report.connectivity_checked:
-            for _ in range(4 * len(masks) + 1):
-                paths = path_gradients(model, masks, example_input)
-                dead = [n for n, m in masks.items() if paths.on_path(n, m) == 0]
-                if not dead:
+    if report.connectivity_checked:
+        for _ in range(4 * len(masks) + 1):
+            paths = paths_now()
+            assert paths is not None
+            dead = [n for n, m in masks.items() if paths.on_path(n, m) == 0]
+            if not dead:
+                break
+            choice = None
+            for name in dead:  # a weight that completes a path through this tensor
+                candidates = (paths.grads[name].view(-1) != 0) & ~masks[name].view(-1)
+                if candidates.any():
+                    choice = (name, candidates)
                     break
-                choice = None
-                for name in dead:  # a weight that completes a path through this tensor
-                    candidates = (paths.grads[name].view(-1) != 0) & ~masks[name].view(-1)
-                    if candidates.any():
-                        choice = (name, candidates)
-                        break
-                if choice is None:  # none yet: extend the signal from upstream into the first dead tensor
-                    for name in dead:
-                        if name in paths.upstream:
-                            alive = paths.upstream[name].expand_as(masks[name]).reshape(-1)
-                            candidates = alive & ~masks[name].view(-1)
-                            if candidates.any():
-                                choice = (name, candidates)
-                                break
-                if choice is None:
-                    break
-                name, candidates = choice
-                add(name, int(torch.argmax(flat_scores[name].masked_fill(~candidates, -math.inf))))
-                remove_one(paths)
-            paths = path_gradients(model, masks, example_input)
-            report.connected = paths.total > 0 and all(paths.on_path(n, m) > 0 for n, m in masks.items())
+            if choice is None:  # none yet: extend the signal from upstream into the first dead tensor
+                for name in dead:
+                    if name in paths.upstream:
+                        alive = paths.upstream[name].expand_as(masks[name]).reshape(-1)
+                        candidates = alive & ~masks[name].view(-1)
+                        if candidates.any():
+                            choice = (name, candidates)
+                            break
+            if choice is None:
+                break
+            name, candidates = choice
+            add(name, int(torch.argmax(flat_scores[name].masked_fill(~candidates, -math.inf))))
+
+    # 3. Pay for the additions, once the repairs are in place: first with kept weights that lie on
+    # no path (removing them cannot change any path), lowest score first; then with the lowest-
+    # scored weights of tensors above their floor, keeping every tensor on a path.
+    debt = sum(int(m.sum()) for m in masks.values()) - kept_total
+    paths = paths_now()
+    if debt > 0 and paths is not None:
+        off = torch.cat([masks[n].view(-1) & ~protected[n] & (paths.grads[n].view(-1) == 0) for n in masks])
+        flat = torch.cat([flat_scores[n] for n in masks]).masked_fill(~off, math.inf)
+        order = torch.argsort(flat)[: min(debt, int(off.sum()))]
+        bounds, offset = [], 0
+        for n in masks:
+            bounds.append((n, offset, offset + masks[n].numel()))
+            offset += masks[n].numel()
+        for index in order.tolist():
+            name, start, _ = next(b for b in bounds if b[1] <= index < b[2])
+            drop(name, index - start)
+            debt -= 1
+    refused: set[tuple[str, int]] = set()
+    while debt > 0:
+        best: tuple[float, str, int] | None = None
+        for name, mask in masks.items():
+            if int(mask.sum()) <= floors[name]:
+                continue
+            allowed = mask.view(-1) & ~protected[name]
+            for n_, i_ in refused:
+                if n_ == name:
+                    allowed[i_] = False
+            if not allowed.any():
+                continue
+            values = flat_scores[name].masked_fill(~allowed, math.inf)
+            i = int(torch.argmin(values))
+            if best is None or float(values[i]) < best[0]:
+                best = (float(values[i]), name, i)
+        if best is None:
+            raise RuntimeError(
+                "the layer-collapse guard found no weight it could give up; lower `layer_floor`."
+            )
+        _, name, index = best
+        drop(name, index)
+        after = paths_now()
+        if after is not None and any(after.on_path(n, m) == 0 for n, m in masks.items()):
+            masks[name].view(-1)[index] = True  # that one held a layer on its only path: keep it
+            report.removed[name] -= 1
+            refused.add((name, index))
+            continue
+        debt -= 1
+    if report.connectivity_checked:
+        final = paths_now()
+        assert final is not None
+        report.connected = final.total > 0 and all(final.on_path(n, m) > 0 for n, m in masks.items())
+    report.removed = {n: c for n, c in report.removed.items() if c}
     assert sum(int(m.sum()) for m in masks.values()) == kept_total
     return masks, report
