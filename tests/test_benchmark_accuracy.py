@@ -1,0 +1,151 @@
+"""Smoke test: the accuracy benchmark runs a tiny grid on real MNIST and writes its CSV, table and plot."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+DATA = ROOT.parent / "shared" / "data"
+
+pytestmark = pytest.mark.skipif(
+    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA} (offline data folder)"
+)
+
+COLUMNS = [
+    "model",
+    "dataset",
+    "method",
+    "sparsity",
+    "seed",
+    "test_acc",
+    "val_acc",
+    "final_train_loss",
+    "score_seconds",
+    "train_seconds",
+    "layer_density",
+    "guard_changes",
+    "actual_sparsity",
+    "zeros_ok",
+    "recipe",
+    "scoring",
+    "threads",
+    "torch",
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _module():
+    """The benchmark script as a module (it is not part of the package)."""
+    if "accuracy_benchmark" in sys.modules:
+        return sys.modules["accuracy_benchmark"]
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--quick",
+        "--methods",
+        "dense",
+        "random",
+        "snip",
+        "synflow",
+        "prospr",
+        "--sparsities",
+        "0.9",
+        "0.99",
+    ]
+    proc = _run(*args, "--out-dir", str(tmp_path), "--data-root", str(DATA))
+    assert "9 runs, 0 already in" in proc.stdout
+
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert len(rows) == 1 + 4 * 2  # dense once, 4 methods x 2 sparsities
+    assert {(r["method"], r["sparsity"]) for r in rows} >= {
+        ("dense", "0"),
+        ("prospr", "0.99"),
+        ("synflow", "0.9"),
+    }
+    for row in rows:
+        assert row["model"] == "lenet300100" and row["dataset"] == "mnist" and row["seed"] == "0"
+        assert 0.0 <= float(row["test_acc"]) <= 100.0 and 0.0 <= float(row["val_acc"]) <= 100.0
+        assert float(row["final_train_loss"]) > 0 and float(row["train_seconds"]) > 0
+        assert row["zeros_ok"] == "True"
+        density = json.loads(row["layer_density"])
+        assert set(density) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+        if row["method"] == "dense":
+            assert all(d == 1.0 for d in density.values()) and float(row["score_seconds"]) == 0.0
+        else:
+            # the effective weights have exactly the removed fraction of zeros
+            assert abs(float(row["actual_sparsity"]) - float(row["sparsity"])) < 1e-4
+            assert all(0.0 < d < 1.0 for d in density.values())  # the guard keeps every layer alive
+        if row["guard_changes"]:
+            assert set(json.loads(row["guard_changes"])) == {"added", "removed"}
+
+    table = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "### LeNet-300-100 on MNIST" in table and "Dense: **" in table
+    assert "| method | 90 % | 99 % |" in table
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[1:5]] == ["random", "snip", "synflow", "prospr"]
+    assert " ± " in lines[1]
+    assert "Command: `python benchmarks/accuracy.py --quick" in table
+
+    png = (tmp_path / "accuracy_vs_sparsity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # Resumable: a second call (in-process, to save a start-up) finds every run in the CSV and adds nothing.
+    module = _module()
+    threads = torch.get_num_threads()
+    try:
+        assert module.main([*args, "--out-dir", str(tmp_path), "--data-root", str(DATA)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "9 runs, 9 already in" in capsys.readouterr().out
+    assert len((tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()) == 1 + len(rows)
+
+
+def test_help_lists_the_grid_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _module().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for option in ("--models", "--methods", "--sparsities", "--seeds", "--epochs", "--out-dir", "--quick"):
+        assert option in out
+
+
+def test_cifar_augmentation_crops_and_flips() -> None:
+    module = _module()
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    out = module.augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    # every output pixel is an input pixel of the same image and channel, or padding (0)
+    for i in range(2):
+        for c in range(3):
+            values = set(out[i, c].flatten().tolist()) - {0.0}
+            assert values <= set(x[i, c].flatten().tolist())
