@@ -41,7 +41,7 @@ from torch.func import functional_call
 
 from lightning_prospr.scores import parameter_key, preserved_state, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
-from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, check_loss
+from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, check_loss, loss_context
 
 __all__ = [
     "METHODS",
@@ -81,23 +81,10 @@ def _finish(name: str, raw: Tensor, dtype: torch.dtype, method: str, hint: str) 
     return score
 
 
-@contextmanager
-def _loss_context(method: str, index: int) -> Iterator[None]:
-    where = f"while computing {method} scores (batch {index})"
-    try:
-        yield
-    except UnrollError as err:
-        raise UnrollError(f"{err} [{where}]") from err
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as err:
-        raise UnrollError(f"{type(err).__name__} raised by the loss {where}: {err}") from err
-
-
 def _evaluate(
     loss: StatelessLoss, params: Mapping[str, Tensor], batch: Any, method: str, index: int
 ) -> Tensor:
-    with _loss_context(method, index):
+    with loss_context(f"while computing {method} scores (batch {index})"):
         return check_loss(loss(params, batch), f"while computing {method} scores (batch {index})")
 
 

@@ -133,12 +133,13 @@ def check_loss(loss: Any, where: str, source: str = "loss_fn") -> Tensor:
 
 
 @contextmanager
-def _context(step: int, total: int, what: str) -> Iterator[None]:
-    where = f"at inner step {step} of {total} ({what}, batch {step})"
+def loss_context(where: str) -> Iterator[None]:
+    """Attach ``where`` (once) to an error raised while evaluating a loss; wrap foreign errors in
+    :class:`UnrollError`. Out-of-memory errors pass through for the caller's advice."""
     try:
         yield
     except UnrollError as err:
-        if "at inner step" in str(err):
+        if where in str(err):
             raise
         raise UnrollError(f"{err} [{where}]") from err
     except torch.OutOfMemoryError:
@@ -152,8 +153,9 @@ def evaluate_loss(
 ) -> Tensor:
     """``loss(params, batch)`` with the step context attached to any error it raises."""
     what = "final loss" if step == total else "inner SGD step"
-    with _context(step, total, what):
-        return check_loss(loss(params, batch), f"at inner step {step} of {total} ({what}, batch {step})")
+    where = f"at inner step {step} of {total} ({what}, batch {step})"
+    with loss_context(where):
+        return check_loss(loss(params, batch), where)
 
 
 def sgd_unroll(

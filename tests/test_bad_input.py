@@ -231,20 +231,6 @@ class Stream(IterableDataset):
             yield torch.randn(4, generator=gen), torch.randint(0, 3, (), generator=gen)
 
 
-def fit(module, loader, **callback_kwargs):
-    callback = ProsprPruningCallback(**{"sparsity": 0.5, "verbose": False, **callback_kwargs})
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    return callback, trainer
-
-
 @pytest.mark.parametrize(
     "loader",
     [
@@ -258,17 +244,8 @@ def fit(module, loader, **callback_kwargs):
     ids=["dict", "custom-class", "iterable-dataset", "one-batch"],
 )
 def test_batch_kinds_and_loaders(loader):
-    module = Module()
     callback = ProsprPruningCallback(sparsity=0.5, verbose=False)
-    pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    ).fit(module, train_dataloaders=loader)
+    make_trainer(callback).fit(Module(), train_dataloaders=loader)
     assert callback.report is not None and callback.report.sparsity == pytest.approx(0.5, abs=0.01)
 
 
