@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_state import Net, assert_same, snapshot
 from torch import nn
 
 from lightning_prospr import prospr_scores
@@ -12,48 +13,9 @@ from lightning_prospr.unroll import UnrollError
 F = nn.functional
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.3)
-        self.fc = nn.Linear(4 * 4 * 4, 3)
-        self.frozen = nn.Linear(3, 3)
-        self.frozen.requires_grad_(False)
-
-    def forward(self, x):
-        h = self.drop(torch.relu(self.bn(self.conv(x))))
-        return self.frozen(self.fc(h.flatten(1)))
-
-
 def loss_fn(model, batch):
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-def snapshot(model):
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "buffers": {n: b.clone() for n, b in model.named_buffers()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "rng": torch.get_rng_state(),
-    }
-
-
-def assert_same(before, after):
-    for key in ("params", "buffers", "grads"):
-        for name, value in before[key].items():
-            other = after[key][name]
-            if value is None:
-                assert other is None, (key, name)
-            else:
-                assert torch.equal(value, other), (key, name)
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["training"] == after["training"]
-    assert torch.equal(before["rng"], after["rng"])
 
 
 def prepared_model():
