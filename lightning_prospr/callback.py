@@ -34,9 +34,9 @@ from lightning_prospr.masking import (
     remove_masks,
 )
 from lightning_prospr.pipeline import _example_input as _batch_input
-from lightning_prospr.pipeline import check_options, compute_masks
+from lightning_prospr.pipeline import batches_needed, check_options, compute_masks, pruned_names
 from lightning_prospr.report import SparsityReport, density_figure
-from lightning_prospr.scores import _check_hyperparameters, resolve_parameters
+from lightning_prospr.scores import _check_hyperparameters
 from lightning_prospr.selection import check_sparsity
 from lightning_prospr.unroll import UnrollError, check_loss
 
@@ -268,9 +268,7 @@ class ProsprPruningCallback(Callback):
             )
 
     def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        names = resolve_parameters(pl_module, self.parameters)
-        if self.structured and self.parameters is None:
-            names = names[:-1]  # the classifier keeps all its outputs
+        names = pruned_names(pl_module, self.parameters, self.structured)
         within = current_masks(pl_module, names)  # masks the module carried already: nest inside them
         custom = getattr(pl_module, "prospr_loss", None)
         if custom is None and not pl_module.automatic_optimization:
@@ -362,10 +360,11 @@ class ProsprPruningCallback(Callback):
         return masks
 
     def _draw_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[int, Any]]:
-        """``steps + 1`` (or 1 with ``reuse_batch``) batches for this rank, moved to the device."""
+        """The batches the scoring needs (1 with ``reuse_batch``) for this rank, moved to the device."""
         loader = _train_dataloader(trainer)
-        per_unroll = {"prospr": self.steps + 1, "snip": 1, "grasp": 1}.get(self.method, 1)
-        count = 1 if self.reuse_batch else per_unroll * self.num_batches * (self.rounds or 1)
+        count = (
+            1 if self.reuse_batch else batches_needed(self.method, self.steps, self.num_batches, self.rounds)
+        )
         rank, world = trainer.global_rank, trainer.world_size
         raw = list(itertools.islice(_iter_batches(loader), rank, rank + world * count, world))
         if not raw:

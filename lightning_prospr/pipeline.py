@@ -26,7 +26,15 @@ from lightning_prospr.scores import parameter_key, preserved_state, prospr_score
 from lightning_prospr.selection import check_sparsity, global_masks
 from lightning_prospr.unroll import LossFn, StatelessLoss
 
-__all__ = ["MaskResult", "check_options", "compute_masks", "density_schedule", "layer_macs"]
+__all__ = [
+    "MaskResult",
+    "batches_needed",
+    "check_options",
+    "compute_masks",
+    "density_schedule",
+    "layer_macs",
+    "pruned_names",
+]
 
 #: Methods that take part in iterative rounds by re-scoring the masked network.
 ITERATIVE_METHODS = ("prospr", "snip", "synflow")
@@ -85,6 +93,29 @@ def check_options(
     if structured and method == "synflow" and rounds > 1:
         raise ValueError("iterative SynFlow supports neither `structured` nor pre-pruned weights.")
     return rounds
+
+
+def pruned_names(model: nn.Module, parameters: Sequence[str] | None, structured: bool) -> list[str]:
+    """The weights to prune: ``parameters``, or the default set, without the last layer (the
+    classifier, which keeps all its outputs) when ``structured``."""
+    if parameters is not None or not structured:
+        return resolve_parameters(model, parameters)
+    names = resolve_parameters(model, None)[:-1]
+    if not names:
+        raise ValueError(
+            "structured pruning found only one prunable layer (the classifier): pass `parameters`."
+        )
+    return names
+
+
+def batches_needed(method: str, steps: int, num_batches: int, rounds: int | None) -> int:
+    """Batches :func:`compute_masks` draws before it cycles: ``steps + 1`` per ProsPr unroll, one per
+    SNIP or GraSP unroll, for ``num_batches`` unrolls in each of ``rounds`` rounds; one for the
+    data-free methods (their example input)."""
+    per_unroll = {"prospr": steps + 1, "snip": 1, "grasp": 1}.get(method)
+    if per_unroll is None:
+        return 1
+    return per_unroll * num_batches * (rounds or 1)
 
 
 def _example_input(batch: Any) -> Tensor | None:
@@ -157,13 +188,7 @@ def compute_masks(
     start = time.perf_counter()
     check_sparsity(sparsity)
     rounds = check_options(method, structured, rounds, num_batches, layer_floor)
-    if structured and parameters is None:
-        parameters = resolve_parameters(model, None)[:-1]  # the classifier keeps all its classes
-        if not parameters:
-            raise ValueError(
-                "structured pruning found only one prunable layer (the classifier): pass `parameters`."
-            )
-    names = resolve_parameters(model, parameters)
+    names = pruned_names(model, parameters, structured)
     stream = _BatchStream(batches)
     example = example_input if example_input is not None else _example_input(stream.peek())
     if method == "synflow" and example is None:
@@ -197,7 +222,7 @@ def compute_masks(
 
     current = {n: m.bool() for n, m in (within or {}).items() if n in names} or None
     if method == "synflow" and rounds > 1:
-        if structured or current:
+        if current:  # (structured iterative SynFlow is refused by check_options)
             raise ValueError("iterative SynFlow supports neither `structured` nor pre-pruned weights.")
         masks = iterative_synflow_masks(
             model, sparsity, rounds=rounds, parameters=names, example_input=example
