@@ -3,8 +3,10 @@
 Run from the repository root::
 
     python benchmarks/accuracy.py --study --jobs 2         # ProsPr settings on the validation split
-    python benchmarks/accuracy.py --jobs 2 --prospr-steps 1 --prospr-batches reuse   # the MNIST grid
-                                                           # (CPU, 216 runs, ~30 min on 2 cores)
+    python benchmarks/accuracy.py --study-rounds --jobs 2 --prospr-steps 1 --prospr-batches reuse
+                                                           # rounds of prospr-iter, same split
+    python benchmarks/accuracy.py --jobs 2 --prospr-steps 1 --prospr-batches reuse --prospr-rounds 100
+                                                           # the MNIST grid (CPU, 246 runs, ~35 min)
     python benchmarks/accuracy.py --grid cifar10           # ResNet-20 and VGG-16-BN, 200 epochs (GPU)
     python benchmarks/accuracy.py --quick --out-dir /tmp/q # smoke test (seconds)
 
@@ -17,8 +19,10 @@ trains with one fixed recipe in a plain PyTorch loop, checks that the effective 
 official test set (and on the validation split).
 
 Methods: ``dense`` (no pruning), ``random``, ``magnitude``, ``snip``, ``grasp``, ``synflow``
-(iterative, 100 rounds), ``prospr`` (full meta-gradients) and ``prospr-fo`` (first order). Every
-Linear and Conv weight is scored and pruned (the default parameter set), the classifier included.
+(iterative, 100 rounds), ``prospr`` (full meta-gradients, one shot as in the paper), ``prospr-fo``
+(first order) and ``prospr-iter`` (full ProsPr in ``--prospr-rounds`` rounds on an exponential
+density schedule, re-scoring the masked network each round, like iterative SynFlow). Every Linear
+and Conv weight is scored and pruned (the default parameter set), the classifier included.
 
 Data (never downloaded, read from ``--data-root``, default ``../shared/data`` from the repository):
 
@@ -48,7 +52,8 @@ dense accuracy as a horizontal band mean ± std). ``--study`` writes ``study.csv
 
 The ProsPr defaults here (``M=3``, lr 0.1, a new batch per step) are the paper's; the MNIST grid
 reported in ``docs/results.md`` used ``M=1``, lr 0.1 and one reused batch, the setting picked by
-``--study`` on the validation split.
+``--study`` on the validation split, and 100 rounds for ``prospr-iter``, picked by
+``--study-rounds``.
 """
 
 from __future__ import annotations
@@ -80,7 +85,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "prospr", "prospr-fo")
+METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "prospr", "prospr-fo", "prospr-iter")
+#: The ProsPr variants (they share the ``--prospr-*`` scoring settings).
+PROSPR_METHODS = ("prospr", "prospr-fo", "prospr-iter")
 SPARSITIES = (0.9, 0.98, 0.99, 0.995, 0.998)
 MODELS = ("lenet300100", "lenet5", "resnet20", "vgg16bn")
 DATASET_OF = {"lenet300100": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vgg16bn": "cifar10"}
@@ -310,6 +317,8 @@ class Scoring:
         reuse: one batch for every inner step and the final loss (``True``) or ``steps + 1`` new
             batches (``False``).
         synflow_rounds: rounds of iterative SynFlow.
+        prospr_rounds: rounds of iterative ProsPr (``prospr-iter``), re-scoring the masked network
+            on :func:`lightning_prospr.pipeline.density_schedule`.
     """
 
     batch_size: int = 128
@@ -317,11 +326,13 @@ class Scoring:
     lr: float = 0.1
     reuse: bool = False
     synflow_rounds: int = 100
+    prospr_rounds: int = 30
 
     def describe(self, method: str) -> str:
         """The settings that matter to ``method`` (part of a run's key in the CSV)."""
-        if method in ("prospr", "prospr-fo"):
-            return f"M={self.steps} lr={self.lr:g} {'reuse' if self.reuse else 'new'} b={self.batch_size}"
+        if method in PROSPR_METHODS:
+            text = f"M={self.steps} lr={self.lr:g} {'reuse' if self.reuse else 'new'} b={self.batch_size}"
+            return text + (f" rounds={self.prospr_rounds}" if method == "prospr-iter" else "")
         if method == "synflow":
             return f"rounds={self.synflow_rounds}"
         if method in ("snip", "grasp"):
@@ -378,9 +389,11 @@ def masks_for(
     pipeline, _, _ = _import_package()
     method = spec.method
     kwargs: dict[str, Any] = {"seed": spec.seed}
-    if method in ("prospr", "prospr-fo"):
+    if method in PROSPR_METHODS:
         count = 1 if scoring.reuse else scoring.steps + 1
         kwargs.update(method="prospr", steps=scoring.steps, lr=scoring.lr, first_order=method == "prospr-fo")
+        if method == "prospr-iter":
+            kwargs.update(rounds=scoring.prospr_rounds)
     elif method == "synflow":
         count = 1
         kwargs.update(method="synflow", rounds=scoring.synflow_rounds)
@@ -791,6 +804,7 @@ def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) ->
 STUDY_LRS = (0.1, 0.01)
 STUDY_STEPS = (1, 3)
 STUDY_SPARSITIES = (0.98, 0.995)
+STUDY_ROUNDS = (10, 30, 100)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -819,6 +833,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ProsPr: a new batch for every inner step, or one batch reused",
     )
     parser.add_argument("--synflow-rounds", type=int, default=100)
+    parser.add_argument(
+        "--prospr-rounds", type=int, default=30, help="rounds of iterative ProsPr (method prospr-iter)"
+    )
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--out-dir", type=Path, help="default: benchmarks/results/<grid>")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -833,6 +850,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="validation study of ProsPr's settings (lr x steps x new/reuse) on LeNet-5 at 98 and "
         "99.5 %% sparsity, seed 0 (or --models/--sparsities/--seeds), validation accuracy only",
+    )
+    parser.add_argument(
+        "--study-rounds",
+        action="store_true",
+        help="validation study of iterative ProsPr's rounds (" + ", ".join(map(str, STUDY_ROUNDS)) + ") at "
+        "the --prospr-* setting, same models, sparsities and seeds as --study; writes study_rounds.*",
     )
     parser.add_argument("--render", action="store_true", help="only re-render results.md and the plot")
     parser.add_argument(
@@ -852,7 +875,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_steps = args.max_steps or 20
         args.limit = args.limit or 2000
         args.synflow_rounds = min(args.synflow_rounds, 5)
-    if args.study:
+    if args.study or args.study_rounds:
         args.models = args.models or ["lenet5"]
         args.sparsities = args.sparsities or list(STUDY_SPARSITIES)
         args.seeds = args.seeds or [0]
@@ -999,7 +1022,16 @@ def execute(args: argparse.Namespace, tasks: Sequence[Task], recipe: Recipe, pat
 
 
 def study_tasks(args: argparse.Namespace, base: Scoring) -> list[Task]:
-    """ProsPr with lr x steps x new/reuse batches, validation accuracy only."""
+    """ProsPr with lr x steps x new/reuse batches, validation accuracy only (``--study``); or, with
+    ``--study-rounds``, iterative ProsPr at the given ProsPr setting with each of :data:`STUDY_ROUNDS`."""
+    if args.study_rounds:
+        return [
+            (RunSpec(model, "prospr-iter", s, seed), replace(base, prospr_rounds=rounds), False)
+            for seed in args.seeds
+            for model in args.models
+            for s in args.sparsities
+            for rounds in STUDY_ROUNDS
+        ]
     settings = [
         replace(base, lr=lr, steps=steps, reuse=reuse)
         for lr in STUDY_LRS
@@ -1049,12 +1081,14 @@ def render_study(
     return "\n".join(lines) + "\n"
 
 
-def _cheaper(setting: str) -> tuple[int, int, float]:
-    """Preference among tied ProsPr settings (larger is preferred): reuse, fewer steps, lr near 0.1."""
+def _cheaper(setting: str) -> tuple[int, int, int, float]:
+    """Preference among tied ProsPr settings (larger is preferred): reuse, fewer steps, fewer
+    rounds, lr near 0.1."""
     fields = dict(part.split("=", 1) for part in setting.split() if "=" in part)
     steps = int(fields.get("M", 0))
+    rounds = int(fields.get("rounds", 1))
     lr = float(fields.get("lr", 0.1))
-    return int("reuse" in setting.split()), -steps, -abs(math.log10(lr) + 1.0)
+    return int("reuse" in setting.split()), -steps, -rounds, -abs(math.log10(lr) + 1.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1070,17 +1104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.prospr_lr,
         reuse=args.prospr_batches == "reuse",
         synflow_rounds=args.synflow_rounds,
+        prospr_rounds=args.prospr_rounds,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     print(f"{command}\n{environment(device)}\nrecipe: {recipe.describe()}", flush=True)
-    if args.study:
-        path = args.out_dir / "study.csv"
+    if args.study or args.study_rounds:
+        stem = "study_rounds" if args.study_rounds else "study"
+        path = args.out_dir / f"{stem}.csv"
         if not args.render:
             execute(args, study_tasks(args, scoring), recipe, path)
         rows = [r for r in read_rows(path) if r["recipe"] == recipe.describe() and r["model"] in args.models]
         text = render_study(rows, args.models, args.seeds, recipe)
-        (args.out_dir / "study.md").write_text(text, encoding="utf-8")
+        (args.out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
     csv_path = args.out_dir / "results.csv"

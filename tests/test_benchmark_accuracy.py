@@ -149,3 +149,35 @@ def test_cifar_augmentation_crops_and_flips() -> None:
         for c in range(3):
             values = set(out[i, c].flatten().tolist()) - {0.0}
             assert values <= set(x[i, c].flatten().tolist())
+
+
+def test_iterative_prospr_scores_in_rounds_and_names_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prospr-iter`` is full ProsPr with ``--prospr-rounds`` rounds; the rounds are part of the run's
+    key, and the masks nest round by round down to the exact sparsity."""
+    module = _module()
+    pipeline, masking, models = module._import_package()
+    seen: list[dict] = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return pipeline.compute_masks(*args, **kwargs)
+
+    spied = type("Pipeline", (), {"compute_masks": staticmethod(spy)})
+    monkeypatch.setattr(module, "_import_package", lambda: (spied, masking, models))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 1, 28, 28, generator=gen)
+    split = module.Split(images, torch.randint(0, 10, (64,), generator=gen))
+    data = module.Data("mnist", split, split, split)
+    scoring = module.Scoring(batch_size=32, steps=1, reuse=True, prospr_rounds=4)
+    assert scoring.describe("prospr-iter") == "M=1 lr=0.1 reuse b=32 rounds=4"
+    assert "rounds" not in scoring.describe("prospr")
+    model = module.build_model("lenet300100", 0)
+    spec = module.RunSpec("lenet300100", "prospr-iter", 0.99, 0)
+    masks, _ = module.masks_for(model, spec, data, scoring, torch.device("cpu"))
+    assert seen[-1]["method"] == "prospr" and seen[-1]["rounds"] == 4 and not seen[-1]["first_order"]
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert total - kept == round(0.99 * total)
+    one_shot = module.RunSpec("lenet300100", "prospr", 0.99, 0)
+    module.masks_for(model, one_shot, data, scoring, torch.device("cpu"))
+    assert "rounds" not in seen[-1]
