@@ -19,6 +19,9 @@ tokens for the Transformer; cross-entropy loss ``loss_fn=lambda m, b: F.cross_en
 * **recompute** (only when asked for with ``--methods``): ``prospr_scores(..., steps=M,
   recompute=True)``, the full-mode scores in bounded memory.
 
+``--models resnet20-nobn`` adds an ablation: ResNet-20 with every BatchNorm replaced by
+``nn.Identity``, to measure what train-mode BatchNorm's second derivative costs.
+
 Time: every (model, batch) runs in one fresh worker process that times the train step and the
 scoring calls *in the same process*: one warm-up call of each operation, then ``--repeats`` timed
 calls, each paired with a train step timed right before it (so slow drift in machine load affects
@@ -65,7 +68,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("resnet20", "vgg16bn", "transformer")
+MODELS = ("resnet20", "vgg16bn", "transformer", "resnet20-nobn")
+#: The models run when ``--models`` is not given (``resnet20-nobn`` is an ablation, on request).
+DEFAULT_MODELS = ("resnet20", "vgg16bn", "transformer")
 METHODS = ("full", "first_order", "snip", "recompute")
 DEFAULT_METHODS = ("full", "first_order", "snip")
 TRAIN = "train step"
@@ -102,8 +107,13 @@ def _build(model_name: str, batch_size: int, device: Any, seed: int = 0) -> tupl
 
     _, models = _import_engine()
     torch.manual_seed(seed)
-    if model_name == "resnet20":
+    if model_name in ("resnet20", "resnet20-nobn"):
         model = models.ResNet20(num_classes=10)
+        if model_name == "resnet20-nobn":  # ablation: what BatchNorm costs (every BN -> Identity)
+            for module in list(model.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, torch.nn.BatchNorm2d):
+                        setattr(module, name, torch.nn.Identity())
         batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
     elif model_name == "vgg16bn":
         model = models.VGG16BN(num_classes=10)
@@ -396,7 +406,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--models",
         type=_csv_list(str),
         default=None,
-        help=f"comma-separated subset of {', '.join(MODELS)} (default: all)",
+        help=f"comma-separated subset of {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)}; "
+        "resnet20-nobn is ResNet-20 with every BatchNorm replaced by Identity, to measure BN's cost)",
     )
     parser.add_argument(
         "--methods",
@@ -442,7 +453,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     preset: dict[str, Any] = {
-        "models": list(MODELS),
+        "models": list(DEFAULT_MODELS),
         "methods": list(DEFAULT_METHODS),
         "steps": [3],
         "batch_sizes": [128],

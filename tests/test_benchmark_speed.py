@@ -45,3 +45,24 @@ def test_speed_benchmark_quick_prints_table(tmp_path: Path) -> None:
     assert "torch" in proc.stdout and "command: `python benchmarks/speed.py --quick" in proc.stdout
     assert out.read_text().strip() in proc.stdout
     assert len(table_csv.read_text().splitlines()) == 5
+
+
+def test_batchnorm_ablation_model_has_no_batchnorm() -> None:
+    """``resnet20-nobn`` is ResNet-20 with exactly its BatchNorm layers replaced by Identity."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    full, batch = module._build("resnet20", 4, "cpu")
+    ablated, same = module._build("resnet20-nobn", 4, "cpu")
+    assert torch.equal(batch[0], same[0])
+    norms = [m for m in full.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in ablated.modules())
+    convs = {n: p for n, p in full.named_parameters() if "bn" not in n}
+    assert {n: p.shape for n, p in ablated.named_parameters()} == {n: p.shape for n, p in convs.items()}
+    assert ablated(same[0]).shape == (4, 10)
