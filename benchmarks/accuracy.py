@@ -319,6 +319,8 @@ class Scoring:
         synflow_rounds: rounds of iterative SynFlow.
         prospr_rounds: rounds of iterative ProsPr (``prospr-iter``), re-scoring the masked network
             on :func:`lightning_prospr.pipeline.density_schedule`.
+        average: ProsPr scores averaged over this many independent unrolls, each on its own
+            batches (``num_batches`` of :func:`lightning_prospr.pipeline.compute_masks`).
     """
 
     batch_size: int = 128
@@ -327,11 +329,13 @@ class Scoring:
     reuse: bool = False
     synflow_rounds: int = 100
     prospr_rounds: int = 30
+    average: int = 1
 
     def describe(self, method: str) -> str:
         """The settings that matter to ``method`` (part of a run's key in the CSV)."""
         if method in PROSPR_METHODS:
             text = f"M={self.steps} lr={self.lr:g} {'reuse' if self.reuse else 'new'} b={self.batch_size}"
+            text += f" avg={self.average}" if self.average > 1 else ""
             return text + (f" rounds={self.prospr_rounds}" if method == "prospr-iter" else "")
         if method == "synflow":
             return f"rounds={self.synflow_rounds}"
@@ -389,9 +393,13 @@ def masks_for(
     pipeline, _, _ = _import_package()
     method = spec.method
     kwargs: dict[str, Any] = {"seed": spec.seed}
+    repeat = 1
     if method in PROSPR_METHODS:
-        count = 1 if scoring.reuse else scoring.steps + 1
+        per_unroll = 1 if scoring.reuse else scoring.steps + 1
+        count = per_unroll * scoring.average
+        repeat = scoring.steps + 1 if scoring.reuse else 1  # an unroll draws M + 1 batches in order
         kwargs.update(method="prospr", steps=scoring.steps, lr=scoring.lr, first_order=method == "prospr-fo")
+        kwargs.update(num_batches=scoring.average)
         if method == "prospr-iter":
             kwargs.update(rounds=scoring.prospr_rounds)
     elif method == "synflow":
@@ -401,6 +409,7 @@ def masks_for(
         count = 1
         kwargs.update(method=method)
     batches = scoring_batches(data, count, scoring.batch_size, spec.seed, device)
+    batches = [b for b in batches for _ in range(repeat)]
     result = pipeline.compute_masks(
         model, loss_fn, batches, spec.sparsity, example_input=batches[0][0], **kwargs
     )
@@ -836,6 +845,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prospr-rounds", type=int, default=30, help="rounds of iterative ProsPr (method prospr-iter)"
     )
+    parser.add_argument(
+        "--prospr-average",
+        type=int,
+        default=1,
+        help="average ProsPr's scores over this many unrolls, each on its own batches",
+    )
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--out-dir", type=Path, help="default: benchmarks/results/<grid>")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -1103,6 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.prospr_steps,
         lr=args.prospr_lr,
         reuse=args.prospr_batches == "reuse",
+        average=args.prospr_average,
         synflow_rounds=args.synflow_rounds,
         prospr_rounds=args.prospr_rounds,
     )

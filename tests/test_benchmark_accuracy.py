@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -180,4 +181,28 @@ def test_iterative_prospr_scores_in_rounds_and_names_them(monkeypatch: pytest.Mo
     assert total - kept == round(0.99 * total)
     one_shot = module.RunSpec("lenet300100", "prospr", 0.99, 0)
     module.masks_for(model, one_shot, data, scoring, torch.device("cpu"))
-    assert "rounds" not in seen[-1]
+    assert "rounds" not in seen[-1] and seen[-1]["num_batches"] == 1
+
+
+def test_score_averaging_gives_each_unroll_its_own_reused_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _module()
+    calls: list[tuple[list, dict]] = []
+
+    def record(model, loss_fn, batches, sparsity, **kwargs):
+        calls.append((list(batches), kwargs))
+        return types.SimpleNamespace(masks={})
+
+    spied = type("Pipeline", (), {"compute_masks": staticmethod(record)})
+    monkeypatch.setattr(module, "_import_package", lambda: (spied, None, None))
+    images = torch.arange(64.0).reshape(64, 1, 1, 1)
+    split = module.Split(images, torch.zeros(64, dtype=torch.long))
+    data = module.Data("mnist", split, split, split)
+    spec = module.RunSpec("lenet300100", "prospr", 0.99, 0)
+    for reuse, expected in ((True, [0, 0, 0, 1, 1, 1]), (False, [0, 1, 2, 3, 4, 5])):
+        scoring = module.Scoring(batch_size=8, steps=2, reuse=reuse, average=2)
+        assert "avg=2" in scoring.describe("prospr") and "avg" not in module.Scoring().describe("prospr")
+        module.masks_for(None, spec, data, scoring, torch.device("cpu"))
+        batches, kwargs = calls[-1]
+        assert kwargs["num_batches"] == 2 and kwargs["steps"] == 2
+        ids: dict[float, int] = {}  # each distinct batch numbered in order of first appearance
+        assert [ids.setdefault(b[0].sum().item(), len(ids)) for b in batches] == expected
