@@ -328,7 +328,7 @@ class Scoring:
     lr: float = 0.1
     reuse: bool = False
     synflow_rounds: int = 100
-    prospr_rounds: int = 30
+    prospr_rounds: int = 100
     average: int = 1
 
     def describe(self, method: str) -> str:
@@ -843,7 +843,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--synflow-rounds", type=int, default=100)
     parser.add_argument(
-        "--prospr-rounds", type=int, default=30, help="rounds of iterative ProsPr (method prospr-iter)"
+        "--prospr-rounds", type=int, default=100, help="rounds of iterative ProsPr (method prospr-iter)"
     )
     parser.add_argument(
         "--prospr-average",
