@@ -792,6 +792,61 @@ def render_plot(
     plt.close(fig)
 
 
+def render_comparison(
+    rows: Sequence[dict[str, str]], metric: str = "test_acc", from_sparsity: float = 0.98
+) -> str:
+    """Each ProsPr variant against the best baseline of each cell at ``from_sparsity`` and above.
+
+    The best baseline is the non-ProsPr method with the highest mean (``dense`` excluded). The
+    per-seed column gives the variant's value minus that baseline's, seed by seed (seeds both have).
+    """
+    stats = summarize(rows, metric)
+    by_seed: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row.get(metric, "") != "":
+            by_seed[(row["model"], row["method"], float(row["sparsity"]))][row["seed"]] = float(row[metric])
+    lines = [
+        "| model | sparsity | method | mean | best baseline | difference | per seed |",
+        "|---|---:|---|---:|---|---:|---|",
+    ]
+    wins = total = 0
+    for model in _ordered({k[0] for k in stats}, MODELS):
+        sparsities = sorted({k[2] for k in stats if k[0] == model and k[2] >= from_sparsity})
+        for s in sparsities:
+            baselines = {
+                m: statistics.fmean(v)
+                for (mm, m, ss), v in stats.items()
+                if mm == model and ss == s and m not in PROSPR_METHODS and m != "dense"
+            }
+            if not baselines:
+                continue
+            rival = max(baselines, key=lambda m: baselines[m])
+            for method in PROSPR_METHODS:
+                values = stats.get((model, method, s))
+                if not values:
+                    continue
+                mean = statistics.fmean(values)
+                ours, theirs = by_seed[(model, method, s)], by_seed[(model, rival, s)]
+                seeds = sorted(set(ours) & set(theirs), key=int)
+                per_seed = ", ".join(f"{ours[k] - theirs[k]:+.2f}" for k in seeds)
+                difference = mean - baselines[rival]
+                won = round(difference, 2) >= 0
+                wins += won
+                total += 1
+                cell = f"**{difference:+.2f}**" if won else f"{difference:+.2f}"
+                lines.append(
+                    f"| {MODEL_LABELS.get(model, model)} | {100 * s:g} % | {method} | {mean:.2f} | "
+                    f"{rival} {baselines[rival]:.2f} | {cell} | {per_seed} |"
+                )
+    what = "test accuracy" if metric == "test_acc" else "validation accuracy"
+    summary = (
+        f"Mean {what} (%) of each ProsPr variant against the best other method of the cell "
+        f"(sparsity >= {100 * from_sparsity:g} %); matches or beats it in {wins} of {total} "
+        "(variant, cell) pairs (bold)."
+    )
+    return summary + "\n\n" + "\n".join(lines) + "\n"
+
+
 def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) -> None:
     """``results.md`` and ``accuracy_vs_sparsity.png`` in ``out_dir`` from ``rows``."""
     zeros = [r for r in rows if r["zeros_ok"] != "True"]
@@ -799,6 +854,7 @@ def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) ->
         f"{header}\n\n{render_markdown(rows)}\n"
         f"Runs: {len(rows)}; runs whose pruned weights were not all exactly zero after training: "
         f"{len(zeros)}.\n\n"
+        f"#### ProsPr against the best baseline\n\n{render_comparison(rows)}\n"
         f"#### Time per run\n\n{render_timing(rows)}"
     )
     (out_dir / "results.md").write_text(text, encoding="utf-8")

@@ -206,3 +206,28 @@ def test_score_averaging_gives_each_unroll_its_own_reused_batch(monkeypatch: pyt
         assert kwargs["num_batches"] == 2 and kwargs["steps"] == 2
         ids: dict[float, int] = {}  # each distinct batch numbered in order of first appearance
         assert [ids.setdefault(b[0].sum().item(), len(ids)) for b in batches] == expected
+
+
+def test_comparison_table_picks_the_best_baseline_per_cell() -> None:
+    module = _module()
+
+    def row(method: str, sparsity: str, seed: int, acc: float) -> dict[str, str]:
+        return {
+            "model": "lenet5",
+            "method": method,
+            "sparsity": sparsity,
+            "seed": str(seed),
+            "test_acc": str(acc),
+        }
+
+    rows = [row("dense", "0", s, 99.0) for s in (0, 1)]
+    rows += [row("snip", "0.98", 0, 90.0), row("snip", "0.98", 1, 92.0)]  # mean 91: the best baseline
+    rows += [row("synflow", "0.98", 0, 95.0), row("synflow", "0.98", 1, 85.0)]  # mean 90
+    rows += [row("prospr", "0.98", 0, 91.0), row("prospr", "0.98", 1, 91.0)]  # ties snip: counts as a match
+    rows += [row("prospr-iter", "0.98", 0, 89.0), row("prospr-iter", "0.98", 1, 90.0)]
+    rows += [row("snip", "0.9", 0, 97.0), row("prospr", "0.9", 0, 10.0)]  # below 98 %: not compared
+    text = module.render_comparison(rows)
+    assert "in 1 of 2 (variant, cell) pairs" in text
+    assert "| LeNet-5 | 98 % | prospr | 91.00 | snip 91.00 | **+0.00** | +1.00, -1.00 |" in text
+    assert "| LeNet-5 | 98 % | prospr-iter | 89.50 | snip 91.00 | -1.50 | -1.00, -2.00 |" in text
+    assert "90 %" not in text
