@@ -11,13 +11,16 @@ set in place of plain top-k, keeping the number of removed weights exactly the s
    :math:`\\partial R / \\partial q \\ne 0` there, with :math:`R` the sum of the outputs: a
    positive network carries signal from input to output exactly along paths of kept weights. Every
    tensor must keep at least one weight on a path. A tensor with none gets its best-scored pruned
-   weight whose addition would complete a path.
+   weight whose addition would complete a path. When no single weight can (the signal stops
+   before the tensor), the signal is extended where it stops: the first such tensor none of whose
+   kept weights reads a live input gets its best-scored weight that does, and so on, one tensor
+   further each time, until a path exists.
 
 The additions come first, all of them; then they are paid for, one removed kept weight each: first
 kept weights that lie on no path once the repairs are in place (removing them cannot change any
-path), lowest score first; then the lowest-scored weights of tensors that keep more than their
-floor, skipping any whose removal would leave a tensor without a weight on a path. Weights the
-guard added are never the ones removed.
+path), lowest score first, never taking a tensor below its floor; then the lowest-scored weights of
+tensors that keep more than their floor, skipping any whose removal would take a tensor off the
+paths it is on. Weights the guard added are never the ones removed.
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ def guard_masks(
         dense = path_gradients(model, ones, example_input)
         report.connectivity_checked = dense.total > 0 and all(dense.on_path(n, ones[n]) for n in masks)
     if report.connectivity_checked:
-        for _ in range(4 * len(masks) + 1):
+        for _ in range(8 * len(masks) + 8):
             paths = paths_now()
             assert paths is not None
             dead = [n for n, m in masks.items() if paths.on_path(n, m) == 0]
@@ -243,36 +246,47 @@ def guard_masks(
                 if candidates.any():
                     choice = (name, candidates)
                     break
-            if choice is None:  # none yet: extend the signal from upstream into the first dead tensor
+            if choice is None:  # no path yet: extend the signal where it stops, one tensor further
                 for name in dead:
-                    if name in paths.upstream:
-                        alive = paths.upstream[name].expand_as(masks[name]).reshape(-1)
-                        candidates = alive & ~masks[name].view(-1)
-                        if candidates.any():
-                            choice = (name, candidates)
-                            break
+                    if name not in paths.upstream:
+                        continue
+                    alive = paths.upstream[name].expand_as(masks[name]).reshape(-1)
+                    if (alive & masks[name].view(-1)).any():
+                        continue  # a kept weight here already reads a live input: the signal passes
+                    candidates = alive & ~masks[name].view(-1)
+                    if candidates.any():
+                        choice = (name, candidates)
+                        break
             if choice is None:
                 break
             name, candidates = choice
             add(name, int(torch.argmax(flat_scores[name].masked_fill(~candidates, -math.inf))))
 
     # 3. Pay for the additions, once the repairs are in place: first with kept weights that lie on
-    # no path (removing them cannot change any path), lowest score first; then with the lowest-
-    # scored weights of tensors above their floor, keeping every tensor on a path.
+    # no path (removing them cannot change any path), lowest score first, never below a floor; then
+    # with the lowest-scored weights of tensors above their floor, keeping every tensor that is on a
+    # path on one.
     debt = sum(int(m.sum()) for m in masks.values()) - kept_total
     paths = paths_now()
     if debt > 0 and paths is not None:
         off = torch.cat([masks[n].view(-1) & ~protected[n] & (paths.grads[n].view(-1) == 0) for n in masks])
         flat = torch.cat([flat_scores[n] for n in masks]).masked_fill(~off, math.inf)
-        order = torch.argsort(flat)[: min(debt, int(off.sum()))]
+        order = torch.argsort(flat)[: int(off.sum())]
         bounds, offset = [], 0
         for n in masks:
             bounds.append((n, offset, offset + masks[n].numel()))
             offset += masks[n].numel()
         for index in order.tolist():
+            if debt == 0:
+                break
             name, start, _ = next(b for b in bounds if b[1] <= index < b[2])
+            if int(masks[name].sum()) <= floors[name]:
+                continue
             drop(name, index - start)
             debt -= 1
+    on_path_before = (
+        {n: paths.on_path(n, m) > 0 for n, m in masks.items()} if debt > 0 and paths is not None else {}
+    )
     refused: set[tuple[str, int]] = set()
     while debt > 0:
         best: tuple[float, str, int] | None = None
@@ -296,7 +310,7 @@ def guard_masks(
         _, name, index = best
         drop(name, index)
         after = paths_now()
-        if after is not None and any(after.on_path(n, m) == 0 for n, m in masks.items()):
+        if after is not None and any(after.on_path(n, m) == 0 for n, m in masks.items() if on_path_before[n]):
             masks[name].view(-1)[index] = True  # that one held a layer on its only path: keep it
             report.removed[name] -= 1
             refused.add((name, index))
