@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package, also when it is not installed
+    sys.path.insert(0, str(ROOT))
 DATASET_OF = {"resnet20": "cifar10", "lenet5": "mnist", "lenet300100": "mnist"}
 
 
@@ -58,7 +60,6 @@ def _batch(model_name: str, batch_size: int, data_root: Path, quick: bool) -> tu
 
 
 def _build(model_name: str, seed: int) -> nn.Module:
-    sys.path.insert(0, str(ROOT))
     from lightning_prospr import models
 
     torch.manual_seed(seed)
@@ -82,7 +83,6 @@ def compare(
     model: nn.Module, batch: tuple[Tensor, Tensor], steps: int, lr: float, sparsities: Sequence[float]
 ) -> dict[str, Any]:
     """float32 against float64 scores of ``model`` (float32) on ``batch``; see the module docstring."""
-    sys.path.insert(0, str(ROOT))
     from lightning_prospr import global_masks, prospr_scores
 
     wide = copy.deepcopy(model).double()
