@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import ROOT, load_script, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 DATA = ROOT.parent / "shared" / "data"
 
 pytestmark = pytest.mark.skipif(
@@ -43,31 +39,6 @@ COLUMNS = [
 ]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def _module():
-    """The benchmark script as a module (it is not part of the package)."""
-    if "accuracy_benchmark" in sys.modules:
-        return sys.modules["accuracy_benchmark"]
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [
         "--quick",
@@ -81,7 +52,7 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
         "0.9",
         "0.99",
     ]
-    proc = _run(*args, "--out-dir", str(tmp_path), "--data-root", str(DATA))
+    proc = run_script("accuracy", *args, "--out-dir", str(tmp_path), "--data-root", str(DATA))
     assert "9 runs, 0 already in" in proc.stdout
 
     with open(tmp_path / "results.csv", newline="", encoding="utf-8") as f:
@@ -122,7 +93,7 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     # Resumable: a second call (in-process, to save a start-up) finds every run in the CSV and adds nothing.
-    module = _module()
+    module = load_script("accuracy")
     threads = torch.get_num_threads()
     try:
         assert module.main([*args, "--out-dir", str(tmp_path), "--data-root", str(DATA)]) == 0
@@ -134,14 +105,14 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
 
 def test_help_lists_the_grid_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _module().parse_args(["--help"])
+        load_script("accuracy").parse_args(["--help"])
     out = capsys.readouterr().out
     for option in ("--models", "--methods", "--sparsities", "--seeds", "--epochs", "--out-dir", "--quick"):
         assert option in out
 
 
 def test_cifar_augmentation_crops_and_flips() -> None:
-    module = _module()
+    module = load_script("accuracy")
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     out = module.augment_batch(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
@@ -155,7 +126,7 @@ def test_cifar_augmentation_crops_and_flips() -> None:
 def test_iterative_prospr_scores_in_rounds_and_names_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """``prospr-iter`` is full ProsPr with ``--prospr-rounds`` rounds; the rounds are part of the run's
     key, and the masks nest round by round down to the exact sparsity."""
-    module = _module()
+    module = load_script("accuracy")
     pipeline, masking, models = module._import_package()
     seen: list[dict] = []
 
@@ -185,7 +156,7 @@ def test_iterative_prospr_scores_in_rounds_and_names_them(monkeypatch: pytest.Mo
 
 
 def test_score_averaging_gives_each_unroll_its_own_reused_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _module()
+    module = load_script("accuracy")
     calls: list[tuple[list, dict]] = []
 
     def record(model, loss_fn, batches, sparsity, **kwargs):
@@ -209,7 +180,7 @@ def test_score_averaging_gives_each_unroll_its_own_reused_batch(monkeypatch: pyt
 
 
 def test_comparison_table_picks_the_best_baseline_per_cell() -> None:
-    module = _module()
+    module = load_script("accuracy")
 
     def row(method: str, sparsity: str, seed: int, acc: float) -> dict[str, str]:
         return {

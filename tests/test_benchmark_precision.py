@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import run_script
 
 
 def test_precision_benchmark_quick_prints_its_table() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script("precision", "--quick")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet20 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["0", "1"]
     for row in rows:

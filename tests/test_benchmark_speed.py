@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+from benchmark_scripts import load_script, run_script
 
 
 def test_speed_benchmark_quick_prints_table(tmp_path: Path) -> None:
     out, table_csv = tmp_path / "speed.md", tmp_path / "speed.csv"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "speed.py"),
-            "--quick",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--csv",
-            str(table_csv),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script("speed", "--quick", "--device", "cpu", "--out", str(out), "--csv", str(table_csv))
     header = (
         "| model | method | M | batch | seconds | ratio to train step | peak extra MB | "
         "memory ratio to train step | best s | best ratio | CPU s | CPU ratio |"
@@ -49,15 +30,7 @@ def test_speed_benchmark_quick_prints_table(tmp_path: Path) -> None:
 
 def test_batchnorm_ablation_model_has_no_batchnorm() -> None:
     """``resnet20-nobn`` is ResNet-20 with exactly its BatchNorm layers replaced by Identity."""
-    import importlib.util
-
-    import torch
-
-    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("speed")
     full, batch = module._build("resnet20", 4, "cpu")
     ablated, same = module._build("resnet20-nobn", 4, "cpu")
     assert torch.equal(batch[0], same[0])
