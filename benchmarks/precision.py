@@ -24,24 +24,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+# benchmarks/accuracy.py, beside this script (its folder is sys.path[0] when it runs as a script)
+from accuracy import DATASET_OF, DEFAULT_DATA_ROOT, ROOT, build_model, load_data, loss_fn
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the package, also when it is not installed
     sys.path.insert(0, str(ROOT))
-DATASET_OF = {"resnet20": "cifar10", "lenet5": "mnist", "lenet300100": "mnist"}
-
-
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
+#: Models with a data set here (VGG-16-BN is left out: float64 full mode on it takes minutes on a CPU).
+MODELS = ("resnet20", "lenet5", "lenet300100")
 
 
 def _batch(model_name: str, batch_size: int, data_root: Path, quick: bool) -> tuple[Tensor, Tensor]:
@@ -50,22 +47,8 @@ def _batch(model_name: str, batch_size: int, data_root: Path, quick: bool) -> tu
         gen = torch.Generator().manual_seed(0)
         shape = (batch_size, 3, 32, 32) if DATASET_OF[model_name] == "cifar10" else (batch_size, 1, 28, 28)
         return torch.randn(shape, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen)
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = accuracy
-    spec.loader.exec_module(accuracy)
-    data = accuracy.load_data(DATASET_OF[model_name], data_root, limit=max(batch_size, 1000))
+    data = load_data(DATASET_OF[model_name], data_root, limit=max(batch_size, 1000))
     return data.train.x[:batch_size], data.train.y[:batch_size]
-
-
-def _build(model_name: str, seed: int) -> nn.Module:
-    from lightning_prospr import models
-
-    torch.manual_seed(seed)
-    return {"resnet20": models.ResNet20, "lenet5": models.LeNet5, "lenet300100": models.LeNet300100}[
-        model_name
-    ]()
 
 
 def _loss_after(model: nn.Module, batch: tuple[Tensor, Tensor], steps: int, lr: float) -> float:
@@ -73,22 +56,23 @@ def _loss_after(model: nn.Module, batch: tuple[Tensor, Tensor], steps: int, lr: 
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        _loss(net, batch).backward()
+        loss_fn(net, batch).backward()
         optimizer.step()
     with torch.no_grad():
-        return float(_loss(net, batch))
+        return float(loss_fn(net, batch))
 
 
 def compare(
     model: nn.Module, batch: tuple[Tensor, Tensor], steps: int, lr: float, sparsities: Sequence[float]
 ) -> dict[str, Any]:
     """float32 against float64 scores of ``model`` (float32) on ``batch``; see the module docstring."""
-    from lightning_prospr import global_masks, prospr_scores
+    from lightning_prospr.scores import prospr_scores
+    from lightning_prospr.selection import global_masks
 
     wide = copy.deepcopy(model).double()
     wide_batch = (batch[0].double(), batch[1])
-    s32 = prospr_scores(model, _loss, [batch], steps=steps, lr=lr)
-    s64 = prospr_scores(wide, _loss, [wide_batch], steps=steps, lr=lr)
+    s32 = prospr_scores(model, loss_fn, [batch], steps=steps, lr=lr)
+    s64 = prospr_scores(wide, loss_fn, [wide_batch], steps=steps, lr=lr)
     top = max(float(s.abs().max()) for s in s64.values())
     row: dict[str, Any] = {
         "rel_err": max(float((s32[n].double() - s64[n]).abs().max()) for n in s64) / top,
@@ -105,14 +89,14 @@ def compare(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(DATASET_OF), default=["resnet20", "lenet5"])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["resnet20", "lenet5"])
     parser.add_argument("--steps", nargs="+", type=int, default=[0, 1, 3])
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.01])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.99])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--quick", action="store_true", help="random data, batch 8, M in 0 1, lr 0.1")
     args = parser.parse_args(argv)
     if args.quick:
@@ -129,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = "random" if args.quick else DATASET_OF[name]
         for steps in args.steps:
             for lr in args.lrs if steps else args.lrs[:1]:
-                row = compare(_build(name, args.seed), batch, steps, lr, args.sparsities)
+                row = compare(build_model(name, args.seed), batch, steps, lr, args.sparsities)
                 cells = [f"{row['rel_err']:.1e}", f"{row['worst_tensor']:.1e}"]
                 cells += [f"{100 * row[f'overlap@{s:g}']:.1f} %" for s in args.sparsities]
                 cells.append(f"{row['loss_rel']:.1e}")
