@@ -33,6 +33,7 @@ from lightning_prospr.unroll import (
     StatelessLoss,
     UnrollError,
     evaluate_loss,
+    is_out_of_memory,
     sgd_adjoint,
     sgd_unroll,
 )
@@ -235,19 +236,27 @@ def prospr_scores(
                 masks,
                 recompute,
             )
-    except torch.OutOfMemoryError as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU or MPS allocator's failure
+        if not is_out_of_memory(err):
+            raise
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone
     if out_of_memory is not None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        allocator = ""
+        if device.type == "cpu":
+            allocator = (
+                " On CPU, glibc's malloc also keeps freed activation buffers, so the process can need "
+                "up to about twice the memory its tensors do: an allocator that returns them "
+                "(LD_PRELOAD=libtcmalloc_minimal.so.4) brings it down to the live tensors."
+            )
         raise torch.OutOfMemoryError(
             f"Out of memory while scoring {len(names)} tensors with M={steps} unrolled steps "
             f"({'first-order' if first_order else 'full'} mode). Everything the unroll held has been "
             "freed and the model is unchanged. Try, in this order: recompute=True (the same scores, "
             "holding one inner step's graph instead of M), first_order=True (no second-order graph), "
-            "fewer `steps`, or a smaller "
-            f"scoring batch. Original error: {out_of_memory}"
+            f"fewer `steps`, or a smaller scoring batch.{allocator} Original error: {out_of_memory}"
         )
     scores = {}
     for name, r in raw.items():

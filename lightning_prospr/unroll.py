@@ -132,6 +132,22 @@ def check_loss(loss: Any, where: str, source: str = "loss_fn") -> Tensor:
     return loss.reshape(())
 
 
+#: Parts of the messages of allocation failures that PyTorch raises as a plain ``RuntimeError``
+#: rather than :class:`torch.OutOfMemoryError`: the CPU allocator ("DefaultCPUAllocator: can't
+#: allocate memory"), MPS ("MPS backend out of memory"), some CUDA paths ("CUDA error: out of memory").
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failed memory allocation, on any device."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    if not isinstance(err, RuntimeError) or isinstance(err, UnrollError):
+        return False
+    message = str(err)
+    return any(part in message for part in _OUT_OF_MEMORY_MESSAGES)
+
+
 @contextmanager
 def loss_context(where: str) -> Iterator[None]:
     """Attach ``where`` (once) to an error raised while evaluating a loss; wrap foreign errors in
@@ -142,9 +158,9 @@ def loss_context(where: str) -> Iterator[None]:
         if where in str(err):
             raise
         raise UnrollError(f"{err} [{where}]") from err
-    except torch.OutOfMemoryError:
-        raise
     except Exception as err:
+        if is_out_of_memory(err):
+            raise
         raise UnrollError(f"{type(err).__name__} raised by the loss {where}: {err}") from err
 
 

@@ -116,6 +116,66 @@ def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def _impossible_allocation() -> None:
+    torch.empty(2**58)  # 1 EiB: the CPU allocator really fails (a plain RuntimeError from torch)
+
+
+def test_cpu_allocation_failure_in_the_loss_gets_the_out_of_memory_advice():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def fails_at_third_call(m, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            _impossible_allocation()
+        return ce(m, batch)
+
+    with pytest.raises(torch.OutOfMemoryError, match=r"recompute=True.*LD_PRELOAD=libtcmalloc") as info:
+        prospr_scores(model, fails_at_third_call, [BATCH], steps=3)
+    assert "DefaultCPUAllocator: can't allocate memory" in str(info.value)  # the original error
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward pass raises ``error()`` (or allocates 1 EiB when ``error`` is None)."""
+
+    @staticmethod
+    def forward(ctx, x, error):
+        ctx.error = error
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.error is None:
+            _impossible_allocation()
+        raise ctx.error()
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_allocation_failure_in_a_backward_pass_gets_the_out_of_memory_advice(recompute):
+    """Outside the loss (autograd's backward pass), on CPU: the same advice, the model intact."""
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(_FailingBackward.apply(m(batch[0]), None), batch[1])
+
+    with pytest.raises(torch.OutOfMemoryError, match=r"Out of memory while scoring 2 tensors with M=3"):
+        prospr_scores(model, loss_fn, [BATCH], steps=3, recompute=recompute)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_other_errors_in_a_backward_pass_are_not_called_out_of_memory():
+    def loss_fn(m, batch):
+        output = _FailingBackward.apply(m(batch[0]), lambda: RuntimeError("boom"))
+        return F.cross_entropy(output, batch[1])
+
+    with pytest.raises(RuntimeError, match="boom") as info:
+        prospr_scores(mlp(), loss_fn, [BATCH], steps=3)
+    assert not isinstance(info.value, torch.OutOfMemoryError)
+
+
 # ---------------------------------------------------------------- special models
 
 
