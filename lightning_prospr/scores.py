@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lightning_prospr.cpu_memory import release_freed_memory
 from lightning_prospr.unroll import (
     LossFn,
     StatelessLoss,
@@ -242,6 +243,9 @@ def prospr_scores(
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone
     if out_of_memory is not None:
         gc.collect()
+    if device.type == "cpu":
+        release_freed_memory()  # the unroll's graphs, which glibc's heap would otherwise keep
+    if out_of_memory is not None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         allocator = ""
