@@ -39,7 +39,12 @@ eval-mode forward pass (which does not reach the operation's peak), reads its cu
 ``/proc/self/statm``, runs the operation once, and reads the high-water mark
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``peak extra MB`` is the difference. If the
 operation did not raise the high-water mark set before it, the value is only a lower bound and is
-printed as ``<=value``. On CUDA the worker also reports the time with
+printed as ``<=value``. ``live peak MB`` is allocator-independent: a second call of the operation
+under ``torch.profiler(profile_memory=True)``, summing its tensor allocations and frees in time
+order (the CPU counterpart of ``torch.cuda.max_memory_allocated``); glibc's malloc keeps freed
+activation blocks, so the RSS peak can be up to twice the live one. ``--allocator tcmalloc`` (or
+``jemalloc``) runs the workers with that library in ``LD_PRELOAD``; the header names the allocator
+the workers actually loaded. On CUDA the worker also reports the time with
 ``torch.cuda.synchronize`` and ``torch.cuda.max_memory_allocated`` minus the memory allocated
 before the operation (after ``torch.cuda.reset_peak_memory_stats``).
 
@@ -53,6 +58,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shlex
@@ -210,6 +216,44 @@ def _peak_rss_kib() -> float:
     return float(peak if sys.platform != "darwin" else peak / 1024)  # bytes on macOS
 
 
+def _live_peak_mib(op: Callable[[], Any]) -> float:
+    """Peak of live CPU tensor memory during one call of ``op``, above what was live before it (MiB).
+
+    Sums ``torch.profiler``'s allocation and free events (``profile_memory=True``) in time order:
+    the CPU counterpart of ``torch.cuda.max_memory_allocated``. Unlike the RSS it does not count
+    memory the C allocator keeps after ``free`` (glibc's heap holds freed activation buffers), so it
+    is the same whatever allocator the process uses.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        op()
+    events = [
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == DeviceType.CPU
+    ]
+    live = peak = 0
+    for _, nbytes in sorted(events, key=lambda e: e[0]):  # stable: same-time events keep their order
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _allocator() -> str:
+    """The C allocator this process uses: tcmalloc or jemalloc if one is loaded, else the system's."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if name in maps:
+            return name
+    return "system (glibc malloc)" if sys.platform.startswith("linux") else "system"
+
+
 def _environment(device: Any) -> dict[str, Any]:
     import torch
 
@@ -218,6 +262,7 @@ def _environment(device: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "allocator": _allocator(),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
@@ -304,6 +349,10 @@ def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     result["lower_bound"] = peak_after <= peak_before
     if device.type == "cuda":
         result["cuda_peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
+    elif spec.get("live", True):
+        if isinstance(op, TrainStep):
+            op.reset()
+        result["live_peak_mb"] = _live_peak_mib(op)  # a second call, under the profiler
     result["env"] = _environment(device)
     return result
 
@@ -373,16 +422,38 @@ class Row:
     peak_extra_mb: float | None = None
     memory_ratio: float | None = None
     lower_bound: bool = False
+    live_peak_mb: float | None = None
+    live_memory_ratio: float | None = None
     cuda_peak_extra_mb: float | None = None
     cuda_memory_ratio: float | None = None
     times: list[float] = field(default_factory=list)
     train_times: list[float] = field(default_factory=list)
 
 
-def run_worker(spec: dict[str, Any], *, echo: bool = False, timeout: float | None = None) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter and return its JSON result."""
+#: ``--allocator`` choices other than ``system``: the libraries to look for, in order.
+ALLOCATOR_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+
+
+def allocator_library(name: str) -> str | None:
+    """The shared library to ``LD_PRELOAD`` for ``--allocator name`` (``None`` if not installed)."""
+    import ctypes.util
+
+    for library in ALLOCATOR_LIBRARIES[name]:
+        found = ctypes.util.find_library(library)
+        if found:
+            return found
+    return None
+
+
+def run_worker(
+    spec: dict[str, Any], *, echo: bool = False, timeout: float | None = None, preload: str | None = None
+) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter (with ``preload`` in ``LD_PRELOAD``); return its result."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    env = None
+    if preload:
+        env = {**os.environ, "LD_PRELOAD": " ".join(filter(None, [preload, os.environ.get("LD_PRELOAD")]))}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     lines = proc.stdout.splitlines()
     if echo:
         print("\n".join(line for line in lines if not line.startswith(RESULT_PREFIX)))
@@ -439,6 +510,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="memory workers run at once, after the timing worker of the same configuration "
         "(default 1; 4 with --quick): their peaks add up on the machine",
+    )
+    parser.add_argument(
+        "--no-live-memory",
+        action="store_true",
+        help="skip the live-tensor peak (a second, profiled call in each CPU memory worker)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=("system", *ALLOCATOR_LIBRARIES),
+        default="system",
+        help="C allocator of the workers: system (default) or tcmalloc / jemalloc through LD_PRELOAD "
+        "(must be installed, e.g. apt-get install libtcmalloc-minimal4 / libjemalloc2)",
     )
     parser.add_argument("--no-time", action="store_true", help="skip the timing workers")
     parser.add_argument(
@@ -501,6 +584,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         or any(b < 1 for b in args.batch_sizes)
     ):
         parser.error("--repeats, --memory-jobs, --steps and --batch-sizes must be positive")
+    args.preload = None
+    if args.allocator != "system" and args.worker is None:
+        args.preload = allocator_library(args.allocator)
+        if args.preload is None:
+            parser.error(
+                f"--allocator {args.allocator}: no lib{ALLOCATOR_LIBRARIES[args.allocator][0]} found; "
+                "install it (Debian/Ubuntu: apt-get install libtcmalloc-minimal4 or libjemalloc2) "
+                "or use --allocator system"
+            )
     return args
 
 
@@ -515,7 +607,7 @@ def _ops(methods: Sequence[str], steps: Sequence[int]) -> list[tuple[str, int]]:
 
 
 def _fmt(value: float | None, digits: int = 2, bound: bool = False) -> str:
-    if value is None:
+    if value is None or math.isnan(value):  # not measured (e.g. seconds with --no-time)
         return "-"
     return f"{'<=' if bound else ''}{value:.{digits}f}"
 
@@ -523,6 +615,7 @@ def _fmt(value: float | None, digits: int = 2, bound: bool = False) -> str:
 def markdown_table(rows: Sequence[Row], cuda: bool) -> str:
     header = ["model", "method", "M", "batch", "seconds", "ratio to train step", "peak extra MB"]
     header += ["memory ratio to train step", "best s", "best ratio", "CPU s", "CPU ratio"]
+    header += ["live peak MB", "live memory ratio"]
     if cuda:
         header += ["CUDA peak extra MB", "CUDA memory ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -540,6 +633,8 @@ def markdown_table(rows: Sequence[Row], cuda: bool) -> str:
             _fmt(r.best_ratio),
             _fmt(r.cpu_seconds, 3),
             _fmt(r.cpu_ratio),
+            _fmt(r.live_peak_mb, 0),
+            _fmt(r.live_memory_ratio),
         ]
         if cuda:
             cells += [_fmt(r.cuda_peak_extra_mb, 0), _fmt(r.cuda_memory_ratio)]
@@ -592,11 +687,12 @@ def header(env: dict[str, Any], command: str, repeats: int, engine: str) -> str:
             f"- command: `{command}`",
             f"- torch {env.get('torch', '?')}, Python {env.get('python', '?')}, device {device}, "
             f"torch threads {env.get('threads', '?')}",
-            f"- CPU: {_cpu_description()}",
+            f"- CPU: {_cpu_description()}; C allocator of the workers: {env.get('allocator', '?')}",
             f"- engine: commit {engine} (at the start)",
             f"- load average at the end (1, 5, 15 min): {load}",
             f"- time: 1 warm-up, median of {repeats} timed calls, each paired with a train step timed "
-            "in the same process; memory: peak RSS above the pre-op RSS, one fresh process per op",
+            "in the same process; memory: peak RSS above the pre-op RSS, one fresh process per op; "
+            "live: peak of live tensor bytes (torch.profiler) in a second call",
         ]
     )
 
@@ -608,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     command = shlex.join(["python", "benchmarks/speed.py", *argv])
-    base = {"device": args.device, "threads": args.threads}
+    base = {"device": args.device, "threads": args.threads, "live": not args.no_live_memory}
 
     if args.profile:
         spec = {
@@ -620,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": args.profile_rows,
         }
         print(f"# ProsPr scoring profile\n\n- command: `{command}`\n- CPU: {_cpu_description()}")
-        result = run_worker(spec, echo=True)
+        result = run_worker(spec, echo=True, preload=args.preload)
         print(f"- torch {result['env']['torch']}, device {result['env']['device']}")
         return 0
 
@@ -636,7 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             op_rows = [Row(model_name, m, s, batch, float("nan"), float("nan")) for m, s in ops]
             if not args.no_time:
                 print(f"[timing] {model_name} batch {batch}: {ops}", file=sys.stderr, flush=True)
-                timing = run_worker({**cfg, "kind": "time", "ops": ops, "repeats": args.repeats})
+                timing = run_worker(
+                    {**cfg, "kind": "time", "ops": ops, "repeats": args.repeats}, preload=args.preload
+                )
                 env = timing["env"]
                 train_row.seconds = timing["train_seconds"]
                 train_row.best_seconds, train_row.best_ratio = timing["train_best"], 1.0
@@ -656,14 +754,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Each worker measures its own process, so running several at once changes nothing
                 # but the total memory in use on the machine (and the wall time of the benchmark).
                 with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
-                    measured = list(pool.map(run_worker, specs))
+                    measured = list(pool.map(lambda spec: run_worker(spec, preload=args.preload), specs))
                 for row, mem in zip([train_row, *op_rows], measured, strict=True):
                     env = env or mem["env"]
                     row.peak_extra_mb, row.lower_bound = mem["peak_extra_mb"], mem["lower_bound"]
                     row.cuda_peak_extra_mb = mem.get("cuda_peak_extra_mb")
+                    row.live_peak_mb = mem.get("live_peak_mb")
                 for row in [train_row, *op_rows]:
                     if row.peak_extra_mb is not None and train_row.peak_extra_mb:
                         row.memory_ratio = row.peak_extra_mb / train_row.peak_extra_mb
+                    if row.live_peak_mb is not None and train_row.live_peak_mb:
+                        row.live_memory_ratio = row.live_peak_mb / train_row.live_peak_mb
                     if row.cuda_peak_extra_mb is not None and train_row.cuda_peak_extra_mb:
                         row.cuda_memory_ratio = row.cuda_peak_extra_mb / train_row.cuda_peak_extra_mb
             rows += [train_row, *op_rows]
