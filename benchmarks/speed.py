@@ -25,10 +25,12 @@ tokens for the Transformer; cross-entropy loss ``loss_fn=lambda m, b: F.cross_en
 Time: every (model, batch) runs in one fresh worker process that times the train step and the
 scoring calls *in the same process*: one warm-up call of each operation, then ``--repeats`` timed
 calls, each paired with a train step timed right before it (so slow drift in machine load affects
-both alike). ``seconds`` is the median of the timed calls; ``ratio`` divides it by the median of
-the train steps paired with it. ``best s`` is the fastest timed call and ``best ratio`` divides it
-by the fastest train step of the worker: on a shared machine, where other processes take cores for
-a while, the minimum is the steadier estimate of the intrinsic cost (as :mod:`timeit` advises).
+both alike) after an untimed one (so that it runs in steady state, not re-faulting the memory the
+previous scoring call gave back). ``seconds`` is the median of the timed calls; ``ratio`` divides
+it by the median of the train steps paired with it. ``best s`` is the fastest timed call and
+``best ratio`` divides it by the fastest train step of the worker: on a shared machine, where other
+processes take cores for a while, the minimum is the steadier estimate of the intrinsic cost (as
+:mod:`timeit` advises).
 ``CPU s`` is the median CPU time of the process (all threads, :func:`time.process_time`) and
 ``CPU ratio`` divides it by the paired train steps' median: with ``--threads 1`` it counts the work
 done whatever else runs on the machine (with more threads it also counts OpenMP spin-waiting).
@@ -37,7 +39,8 @@ Memory: peak resident memory *above* the process's baseline, one fresh worker pr
 operation: the worker builds the model and batch, warms up the libraries with a no-grad
 eval-mode forward pass (which does not reach the operation's peak), reads its current RSS from
 ``/proc/self/statm``, runs the operation once, and reads the high-water mark
-``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``peak extra MB`` is the difference. If the
+``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``peak extra MB`` is the difference, and ``kept MB``
+the RSS still above the baseline once the operation has returned. If the
 operation did not raise the high-water mark set before it, the value is only a lower bound and is
 printed as ``<=value``. ``live peak MB`` is allocator-independent: a second call of the operation
 under ``torch.profiler(profile_memory=True)``, summing its tensor allocations and frees in time
@@ -285,6 +288,11 @@ def _time_worker(spec: dict[str, Any]) -> dict[str, Any]:
         op()  # warm-up
         op_times, train_times, op_cpu, train_cpu = [], [], [], []
         for _ in range(spec["repeats"]):
+            # An untimed step first: after the op, the process may have given its memory back to the
+            # system (scoring ends with malloc_trim on CPU), and the step that faults it in again is
+            # not a steady-state training step.
+            train.reset()
+            train()
             train.reset()
             wall, cpu = _timed(train, device)
             train_times.append(wall)
@@ -342,6 +350,7 @@ def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     op()
     _sync(device)
     peak_after = _peak_rss_kib()
+    result["kept_mb"] = (_current_rss_kib() - rss_before) / 1024
     result["rss_before_mb"] = rss_before / 1024
     result["peak_extra_mb"] = (peak_after - rss_before) / 1024
     # ru_maxrss is a high-water mark: if the op never rose above the mark set before it, the
@@ -422,6 +431,7 @@ class Row:
     peak_extra_mb: float | None = None
     memory_ratio: float | None = None
     lower_bound: bool = False
+    kept_mb: float | None = None
     live_peak_mb: float | None = None
     live_memory_ratio: float | None = None
     cuda_peak_extra_mb: float | None = None
@@ -615,7 +625,7 @@ def _fmt(value: float | None, digits: int = 2, bound: bool = False) -> str:
 def markdown_table(rows: Sequence[Row], cuda: bool) -> str:
     header = ["model", "method", "M", "batch", "seconds", "ratio to train step", "peak extra MB"]
     header += ["memory ratio to train step", "best s", "best ratio", "CPU s", "CPU ratio"]
-    header += ["live peak MB", "live memory ratio"]
+    header += ["kept MB", "live peak MB", "live memory ratio"]
     if cuda:
         header += ["CUDA peak extra MB", "CUDA memory ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -633,6 +643,7 @@ def markdown_table(rows: Sequence[Row], cuda: bool) -> str:
             _fmt(r.best_ratio),
             _fmt(r.cpu_seconds, 3),
             _fmt(r.cpu_ratio),
+            _fmt(r.kept_mb, 0),
             _fmt(r.live_peak_mb, 0),
             _fmt(r.live_memory_ratio),
         ]
@@ -691,8 +702,9 @@ def header(env: dict[str, Any], command: str, repeats: int, engine: str) -> str:
             f"- engine: commit {engine} (at the start)",
             f"- load average at the end (1, 5, 15 min): {load}",
             f"- time: 1 warm-up, median of {repeats} timed calls, each paired with a train step timed "
-            "in the same process; memory: peak RSS above the pre-op RSS, one fresh process per op; "
-            "live: peak of live tensor bytes (torch.profiler) in a second call",
+            "in the same process; memory: peak RSS above the pre-op RSS, one fresh process per op "
+            "(kept: the RSS above it after the op); live: peak of live tensor bytes (torch.profiler) "
+            "in a second call",
         ]
     )
 
@@ -759,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     env = env or mem["env"]
                     row.peak_extra_mb, row.lower_bound = mem["peak_extra_mb"], mem["lower_bound"]
                     row.cuda_peak_extra_mb = mem.get("cuda_peak_extra_mb")
-                    row.live_peak_mb = mem.get("live_peak_mb")
+                    row.kept_mb, row.live_peak_mb = mem.get("kept_mb"), mem.get("live_peak_mb")
                 for row in [train_row, *op_rows]:
                     if row.peak_extra_mb is not None and train_row.peak_extra_mb:
                         row.memory_ratio = row.peak_extra_mb / train_row.peak_extra_mb

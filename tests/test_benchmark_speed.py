@@ -14,7 +14,7 @@ def test_speed_benchmark_quick_prints_table(tmp_path: Path) -> None:
     proc = run_script("speed", "--quick", "--device", "cpu", "--out", str(out), "--csv", str(table_csv))
     header = (
         "| model | method | M | batch | seconds | ratio to train step | peak extra MB | "
-        "memory ratio to train step | best s | best ratio | CPU s | CPU ratio | live peak MB | "
+        "memory ratio to train step | best s | best ratio | CPU s | CPU ratio | kept MB | live peak MB | "
         "live memory ratio |"
     )
     assert header in proc.stdout
@@ -25,7 +25,7 @@ def test_speed_benchmark_quick_prints_table(tmp_path: Path) -> None:
         assert cells[3] == "8"  # batch
         assert float(cells[4]) > 0  # seconds
         assert float(cells[6].removeprefix("<=")) > 0  # peak extra MB
-        assert float(cells[12]) > 0  # live peak MB
+        assert float(cells[13]) > 0  # live peak MB
     assert "C allocator of the workers: " in proc.stdout
     assert "torch" in proc.stdout and "command: `python benchmarks/speed.py --quick" in proc.stdout
     assert out.read_text().strip() in proc.stdout
