@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_prospr.cpu_memory import release_freed_memory
 from lightning_prospr.scores import parameter_key, preserved_state, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
 from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, check_loss, loss_context
@@ -298,6 +299,8 @@ def grasp_scores(
                     hg = [a + b for a, b in zip(hg, second, strict=True)]
                 del value, taped, z
         del loss, buffers, params, scored
+    if next(iter(weights.values())).device.type == "cpu":
+        release_freed_memory()  # the second-order graphs, which glibc's heap would otherwise keep
     return {
         n: _finish(
             n,

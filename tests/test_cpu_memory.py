@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+import lightning_prospr.baselines as baselines_module
 import lightning_prospr.scores as scores_module
 from lightning_prospr import prospr_scores
+from lightning_prospr.baselines import grasp_scores
 
 #: Run in a fresh interpreter, so that the heap starts from a known state.
 _FRAGMENT_AND_RELEASE = """
@@ -49,10 +52,17 @@ def test_freed_heap_blocks_are_returned_to_the_system() -> None:
     assert float(after) < float(kept) - 150  # ...malloc_trim did
 
 
-def test_scoring_on_cpu_releases_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("module", "scorer"),
+    [(scores_module, lambda *a: prospr_scores(*a, steps=2)), (baselines_module, grasp_scores)],
+    ids=["prospr", "grasp"],
+)
+def test_second_order_scoring_on_cpu_releases_freed_memory(
+    monkeypatch: pytest.MonkeyPatch, module: Any, scorer: Any
+) -> None:
     calls: list[bool] = []
-    monkeypatch.setattr(scores_module, "release_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(module, "release_freed_memory", lambda: calls.append(True) or True)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
-    prospr_scores(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), [batch], steps=2)
+    scorer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), [batch])
     assert calls == [True]
