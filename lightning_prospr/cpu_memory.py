@@ -4,8 +4,9 @@ Scoring allocates and frees a few GB of activation-sized tensors (the unrolled s
 glibc's ``malloc`` keeps freed blocks of that size in its heap instead of unmapping them (its
 ``mmap`` threshold grows to the largest block freed, up to 32 MiB), so after full-mode scoring of a
 ResNet-20 at batch 128 the process stays about 1.4 GiB larger for the rest of training, although
-training reuses only a fraction of it. ``malloc_trim(0)`` returns those free pages; it takes tens of
-milliseconds and changes nothing but the resident size.
+training reuses only a fraction of it. tcmalloc and jemalloc also keep freed pages for a while.
+Each has a call that returns them at once; it takes milliseconds and changes nothing but the
+resident size.
 """
 
 from __future__ import annotations
@@ -14,38 +15,49 @@ import ctypes
 import ctypes.util
 import functools
 import sys
-from typing import Any
+from collections.abc import Callable
 
 __all__ = ["release_freed_memory"]
 
+#: jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.<i>.purge`` with this index purges every arena.
+_JEMALLOC_ALL_ARENAS = 4096
+
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or ``None`` on other C libraries and platforms."""
+def _releasers() -> tuple[Callable[[], object], ...]:
+    """The release calls of the allocators loaded in this process (none off Linux)."""
     if not sys.platform.startswith("linux"):
-        return None
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+        return ()
+    found: list[Callable[[], object]] = []
+    process = ctypes.CDLL(None)  # every library loaded so far, LD_PRELOADed allocators included
+    tcmalloc = getattr(process, "MallocExtension_ReleaseFreeMemory", None)  # gperftools
+    if tcmalloc is not None:
+        tcmalloc.argtypes, tcmalloc.restype = [], None
+        found.append(tcmalloc)
+    mallctl = getattr(process, "mallctl", None)  # jemalloc
+    if mallctl is not None:
+        purge = f"arena.{_JEMALLOC_ALL_ARENAS}.purge".encode()
+        found.append(lambda: mallctl(purge, None, None, None, ctypes.c_size_t(0)))
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc, not musl
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        found.append(lambda: trim(0))
+    return tuple(found)
 
 
 def release_freed_memory() -> bool:
-    """Return the C heap's free pages to the operating system (glibc only; elsewhere a no-op).
+    """Return the free pages of the process's C allocator(s) to the operating system.
+
+    Calls glibc's ``malloc_trim(0)``, and, when preloaded, tcmalloc's
+    ``MallocExtension_ReleaseFreeMemory()`` or jemalloc's ``arena.<all>.purge``. Only memory that
+    is already free is returned; live tensors are not touched.
 
     Returns:
-        ``True`` if glibc's ``malloc_trim`` was called, ``False`` where there is none (another C
-        library or platform). With tcmalloc or jemalloc preloaded the call finds glibc's heap unused
-        and changes nothing: those allocators return freed memory themselves.
+        ``True`` if at least one such call was made, ``False`` where none exists (a platform other
+        than Linux, or a C library without ``malloc_trim`` and no known allocator loaded).
     """
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
+    releasers = _releasers()
+    for release in releasers:
+        release()
+    return bool(releasers)
