@@ -96,43 +96,44 @@ def test_divergent_unroll_is_reported():
         prospr_scores(linear, ce, [(BATCH[0] * 1e10, BATCH[1])], steps=3, lr=1e35)
 
 
-def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
-    model = mlp()
-    before = copy.deepcopy(model.state_dict())
+def _failing_at_third_call(fail):
+    """``ce``, except that its third call runs ``fail()`` instead (inside the unroll)."""
     calls = []
 
-    def oom_at_third_call(m, batch):
+    def loss_fn(m, batch):
         calls.append(1)
         if len(calls) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            fail()
         return ce(m, batch)
 
-    with pytest.raises(
-        torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller"
-    ) as info:
-        prospr_scores(model, oom_at_third_call, [BATCH], steps=3)
-    assert "Tried to allocate 20.00 GiB" in str(info.value)
-    assert info.value.__context__ is None  # the traceback holding the unroll's graph was dropped
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    return loss_fn
+
+
+def _cuda_out_of_memory() -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
 def _impossible_allocation() -> None:
     torch.empty(2**58)  # 1 EiB: the CPU allocator really fails (a plain RuntimeError from torch)
 
 
+def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller"
+    ) as info:
+        prospr_scores(model, _failing_at_third_call(_cuda_out_of_memory), [BATCH], steps=3)
+    assert "Tried to allocate 20.00 GiB" in str(info.value)
+    assert info.value.__context__ is None  # the traceback holding the unroll's graph was dropped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_cpu_allocation_failure_in_the_loss_gets_the_out_of_memory_advice():
     model = mlp()
     before = copy.deepcopy(model.state_dict())
-    calls = []
-
-    def fails_at_third_call(m, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            _impossible_allocation()
-        return ce(m, batch)
-
     with pytest.raises(torch.OutOfMemoryError, match=r"recompute=True.*LD_PRELOAD=libtcmalloc") as info:
-        prospr_scores(model, fails_at_third_call, [BATCH], steps=3)
+        prospr_scores(model, _failing_at_third_call(_impossible_allocation), [BATCH], steps=3)
     assert "DefaultCPUAllocator: can't allocate memory" in str(info.value)  # the original error
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
