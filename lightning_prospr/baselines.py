@@ -42,7 +42,15 @@ from torch.func import functional_call
 from lightning_prospr.cpu_memory import release_freed_memory
 from lightning_prospr.scores import parameter_key, preserved_state, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
-from lightning_prospr.unroll import LossFn, StatelessLoss, UnrollError, check_loss, loss_context
+from lightning_prospr.unroll import (
+    LossFn,
+    StatelessLoss,
+    UnrollError,
+    check_loss,
+    eager_execution,
+    loss_context,
+    raise_if_compiled_double_backward,
+)
 
 __all__ = [
     "METHODS",
@@ -289,14 +297,18 @@ def grasp_scores(
             hg = [torch.zeros_like(t) for t in scored]
             for i, batch in enumerate(drawn):
                 value = _evaluate(loss, params, batch, "GraSP", i)
-                taped = torch.autograd.grad(value, scored, create_graph=True, allow_unused=True)
-                z = sum(
-                    ((a * b).sum() for a, b in zip(g, taped, strict=True) if b is not None),
-                    start=value.new_zeros(()),
-                )
-                if z.requires_grad:
-                    second = _grad_or_zeros(torch.autograd.grad(z, scored, allow_unused=True), scored)
-                    hg = [a + b for a, b in zip(hg, second, strict=True)]
+                try:
+                    taped = torch.autograd.grad(value, scored, create_graph=True, allow_unused=True)
+                    z = sum(
+                        ((a * b).sum() for a, b in zip(g, taped, strict=True) if b is not None),
+                        start=value.new_zeros(()),
+                    )
+                    if z.requires_grad:
+                        second = _grad_or_zeros(torch.autograd.grad(z, scored, allow_unused=True), scored)
+                        hg = [a + b for a, b in zip(hg, second, strict=True)]
+                except RuntimeError as err:
+                    raise_if_compiled_double_backward(err, "GraSP's Hessian-gradient product")
+                    raise
                 del value, taped, z
         del loss, buffers, params, scored
     if next(iter(weights.values())).device.type == "cpu":
@@ -395,7 +407,8 @@ class _SynFlow:
             for n, a in self.absolute.items()
         }
         tensors = {**self.fixed, **{self.keys[n]: t for n, t in leaves.items()}}
-        output = functional_call(self.model, tensors, (self.input,), tie_weights=True, strict=False)
+        with eager_execution():
+            output = functional_call(self.model, tensors, (self.input,), tie_weights=True, strict=False)
         total = _output_sum(output)
         if not total.requires_grad:
             raise UnrollError("SynFlow: the model's output does not depend on the scored weights.")

@@ -35,6 +35,7 @@ from lightning_prospr.unroll import (
     UnrollError,
     evaluate_loss,
     is_out_of_memory,
+    raise_if_compiled_double_backward,
     sgd_adjoint,
     sgd_unroll,
 )
@@ -237,7 +238,8 @@ def prospr_scores(
                 masks,
                 recompute,
             )
-    except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU or MPS allocator's failure
+    except RuntimeError as err:  # out of memory (torch.OutOfMemoryError, or the CPU or MPS allocator's)
+        raise_if_compiled_double_backward(err, "ProsPr's full mode (unlike first_order=True)")
         if not is_out_of_memory(err):
             raise
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone

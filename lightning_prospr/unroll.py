@@ -66,6 +66,43 @@ def twice_differentiable_attention() -> AbstractContextManager[object]:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+@contextmanager
+def eager_execution() -> Iterator[None]:
+    """Run code under :func:`torch.compile` eagerly (``torch.compiler.set_stance("force_eager")``).
+
+    Scoring differentiates the model twice, and AOTAutograd, behind every ``torch.compile`` backend
+    but ``"eager"``, refuses that ("torch.compile with aot_autograd does not currently support
+    double backward"); every unrolled step would also hand the compiled code new tensors to guard
+    on. So the model's forward passes during scoring ignore ``torch.compile`` (on a compiled
+    LightningModule, submodule or function alike), and training afterwards runs compiled as before.
+    A no-op on torch < 2.6, which has no ``set_stance``, and inside a region being compiled.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def raise_if_compiled_double_backward(err: BaseException, what: str) -> None:
+    """Turn AOTAutograd's refusal to differentiate a compiled backward pass into advice.
+
+    Only reached where :func:`eager_execution` cannot help (torch < 2.6). ``what`` names the
+    computation that differentiates twice, for the message.
+    """
+    text = str(err)
+    if isinstance(err, RuntimeError) and (
+        "does not currently support double backward" in text or "donated buffers" in text
+    ):
+        raise UnrollError(
+            f"{what} differentiates the model twice, but the model runs under torch.compile, whose "
+            f"compiled backward pass cannot be differentiated again on torch {torch.__version__}. "
+            "Score the uncompiled model and compile it afterwards, or upgrade to torch >= 2.6 (where "
+            f"scoring runs compiled models eagerly). Original error: {err}"
+        ) from err
+
+
 class StatelessLoss:
     """``loss_fn(model, batch)`` evaluated with the model's tensors replaced by given ones.
 
@@ -99,7 +136,7 @@ class StatelessLoss:
         for name, t in params.items():
             factor = self._multipliers.get(name)
             tensors[f"model.{name}"] = t if factor is None else t * factor
-        with twice_differentiable_attention() if self._second_order else nullcontext():
+        with eager_execution(), twice_differentiable_attention() if self._second_order else nullcontext():
             return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 
