@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_prospr.cpu_memory import release_freed_memory
+from lightning_prospr.execution import scoring_execution
 from lightning_prospr.scores import parameter_key, preserved_state, resolve_parameters
 from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
 from lightning_prospr.unroll import (
@@ -47,7 +48,6 @@ from lightning_prospr.unroll import (
     StatelessLoss,
     UnrollError,
     check_loss,
-    eager_execution,
     loss_context,
     raise_if_compiled_double_backward,
 )
@@ -407,7 +407,7 @@ class _SynFlow:
             for n, a in self.absolute.items()
         }
         tensors = {**self.fixed, **{self.keys[n]: t for n, t in leaves.items()}}
-        with eager_execution():
+        with scoring_execution(second_order=False):
             output = functional_call(self.model, tensors, (self.input,), tie_weights=True, strict=False)
         total = _output_sum(output)
         if not total.requires_grad:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_prospr.execution import scoring_execution
 from lightning_prospr.scores import parameter_key
-from lightning_prospr.unroll import eager_execution
 
 __all__ = ["GuardReport", "Paths", "guard_masks", "path_gradients"]
 
@@ -146,7 +146,7 @@ def path_gradients(model: nn.Module, masks: Mapping[str, Tensor], example_input:
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.enable_grad(), eager_execution():
+        with torch.enable_grad(), scoring_execution(second_order=False):
             out = functional_call(
                 model,
                 {**fixed, **{keys[n]: t for n, t in leaves.items()}},

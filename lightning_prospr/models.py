@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_prospr.unroll import twice_differentiable_attention
+from lightning_prospr.execution import twice_differentiable_attention
 
 __all__ = [
     "VGG16BN",

@@ -21,12 +21,14 @@ step's gradient is a constant (first order).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from lightning_prospr.execution import scoring_execution
 
 __all__ = ["StatelessLoss", "UnrollError", "sgd_unroll"]
 
@@ -47,42 +49,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self._loss_fn(self.model, batch)
-
-
-def twice_differentiable_attention() -> AbstractContextManager[object]:
-    """Restrict :func:`torch.nn.functional.scaled_dot_product_attention` to its math backend.
-
-    The fused flash and memory-efficient kernels have no double backward ("derivative for
-    aten::_scaled_dot_product_flash_attention..._backward is not implemented"), so second-order
-    unrolls through attention layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, or a
-    direct call) need the math implementation. Training itself is not affected.
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        )
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-@contextmanager
-def eager_execution() -> Iterator[None]:
-    """Run code under :func:`torch.compile` eagerly (``torch.compiler.set_stance("force_eager")``).
-
-    Scoring differentiates the model twice, and AOTAutograd, behind every ``torch.compile`` backend
-    but ``"eager"``, refuses that ("torch.compile with aot_autograd does not currently support
-    double backward"); every unrolled step would also hand the compiled code new tensors to guard
-    on. So the model's forward passes during scoring ignore ``torch.compile`` (on a compiled
-    LightningModule, submodule or function alike), and training afterwards runs compiled as before.
-    A no-op on torch < 2.6, which has no ``set_stance``, and inside a region being compiled.
-    """
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None or torch.compiler.is_compiling():
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
 
 
 def raise_if_compiled_double_backward(err: BaseException, what: str) -> None:
@@ -115,7 +81,10 @@ class StatelessLoss:
         multipliers: optional fixed factors (e.g. keep-masks) by parameter name: the model sees
             ``params[name] * multipliers[name]`` on every call.
         second_order: the loss will be differentiated twice: run attention with its math backend
-            (see :func:`twice_differentiable_attention`).
+            (see :func:`~lightning_prospr.execution.twice_differentiable_attention`).
+
+    The model always runs eagerly and without activation checkpointing inside the call (see
+    :func:`~lightning_prospr.execution.scoring_execution`).
     """
 
     def __init__(
@@ -136,7 +105,7 @@ class StatelessLoss:
         for name, t in params.items():
             factor = self._multipliers.get(name)
             tensors[f"model.{name}"] = t if factor is None else t * factor
-        with eager_execution(), twice_differentiable_attention() if self._second_order else nullcontext():
+        with scoring_execution(second_order=self._second_order):
             return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 
