@@ -54,8 +54,8 @@ class _LossModule(nn.Module):
 def raise_if_compiled_double_backward(err: BaseException, what: str) -> None:
     """Turn AOTAutograd's refusal to differentiate a compiled backward pass into advice.
 
-    Only reached where :func:`eager_execution` cannot help (torch < 2.6). ``what`` names the
-    computation that differentiates twice, for the message.
+    Only reached where :func:`~lightning_prospr.execution.eager_execution` cannot help (torch < 2.6).
+    ``what`` names the computation that differentiates twice, for the message.
     """
     text = str(err)
     if isinstance(err, RuntimeError) and (
