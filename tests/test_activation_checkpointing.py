@@ -21,7 +21,11 @@ F = nn.functional
 
 
 class Net(nn.Module):
-    """Linear-BN-Tanh, then a checkpointed Linear-BN-Tanh-Linear-Tanh segment, then a classifier."""
+    """Linear-BN-Tanh, then a checkpointed Linear-BN-Tanh-Linear-Tanh segment, then a classifier.
+
+    ``how`` picks the checkpointing: ``use_reentrant=True`` or ``False``, ``checkpoint_sequential``,
+    torch.distributed's composable ``checkpoint(module)``, or none (``None``, the reference).
+    """
 
     def __init__(self, how: str | None) -> None:
         super().__init__()
@@ -31,6 +35,10 @@ class Net(nn.Module):
         self.head = nn.Linear(8, 3)
         self.body_calls = 0
         self.body.register_forward_pre_hook(self._count)
+        if how == "composable":  # torch.distributed's per-module checkpoint (hooks, as used with FSDP2)
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(self.body)
 
     def _count(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self.body_calls += 1
@@ -58,7 +66,7 @@ def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 
 BATCH = (torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3)
-HOW = ["reentrant", "non-reentrant", "sequential"]
+HOW = ["reentrant", "non-reentrant", "sequential", "composable"]
 
 
 def assert_same(scores: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
