@@ -311,7 +311,7 @@ def grasp_scores(
                     raise
                 del value, taped, z
         del loss, buffers, params, scored
-    if next(iter(weights.values())).device.type == "cpu":
+    if device.type == "cpu":
         release_freed_memory()  # the second-order graphs, which glibc's heap would otherwise keep
     return {
         n: _finish(
