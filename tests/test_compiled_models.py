@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from model_state import assert_same, snapshot
 from test_callback import PRUNED, DataModule, Module
 from torch import nn
 from torch._dynamo.utils import counters
@@ -51,10 +52,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen)
 
 
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize(
     "options", [{}, {"recompute": True}, {"first_order": True}], ids=["full", "recompute", "first-order"]
 )
@@ -62,7 +59,7 @@ def test_scores_of_a_compiled_model_are_those_of_the_model(options: dict[str, bo
     net = convnet()
     expected = prospr_scores(net, ce_loss, [batch()], steps=2, **options)
     compiled = torch.compile(net, backend="aot_eager")
-    before = state(net)
+    before = snapshot(net)
 
     scores = prospr_scores(compiled, ce_loss, [batch()], steps=2, **options)
     assert counters["frames"]["ok"] == 0  # scoring ran the model eagerly: nothing was compiled
@@ -70,7 +67,7 @@ def test_scores_of_a_compiled_model_are_those_of_the_model(options: dict[str, bo
     assert {name.removeprefix("_orig_mod."): s for name, s in scores.items()}.keys() == expected.keys()
     for name, score in scores.items():
         torch.testing.assert_close(score, expected[name.removeprefix("_orig_mod.")], rtol=0, atol=0)
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # BN statistics too
+    assert_same(before, snapshot(net))  # parameters, BN statistics, grads, modes, hooks, RNG
     # The compiled model still runs compiled afterwards.
     out = compiled(batch()[0])
     assert out.shape == (8, 5)
@@ -89,12 +86,11 @@ def test_without_set_stance_the_error_says_what_to_do(monkeypatch: pytest.Monkey
     """torch < 2.6 has no ``torch.compiler.set_stance``: the refusal becomes advice, the model intact."""
     monkeypatch.delattr(torch.compiler, "set_stance")
     net = convnet()
-    before = state(net)
+    before = snapshot(net)
     compiled = torch.compile(net, backend="aot_eager")
     with pytest.raises(UnrollError, match=r"full mode .* runs under torch.compile.*Score the uncompiled"):
         prospr_scores(compiled, ce_loss, [batch()], steps=2)
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
-    assert net.training
+    assert_same(before, snapshot(net))
     with pytest.raises(UnrollError, match=r"GraSP's Hessian-gradient product differentiates the model"):
         grasp_scores(compiled, ce_loss, [batch()], temperature=1.0)
 
