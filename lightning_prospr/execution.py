@@ -62,12 +62,17 @@ def _no_recomputation(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
-#: ``(module, attribute)`` pairs replaced while scoring; modules not imported are skipped.
-_CHECKPOINT_INTERNALS = (
-    ("torch.utils.checkpoint", "CheckpointFunction"),  # use_reentrant=True
-    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator_impl"),  # False, torch >= 2.9
-    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator"),  # False, older torch
-    ("torch.distributed._composable.checkpoint_activation", "_checkpoint_without_reentrant_generator_impl"),
+#: ``(module, attribute, stand-in)`` replaced while scoring; modules not imported are skipped.
+_CHECKPOINT_INTERNALS: tuple[tuple[str, str, Any], ...] = (
+    ("torch.utils.checkpoint", "CheckpointFunction", _RunDirectly),  # use_reentrant=True
+    # use_reentrant=False: the generator that torch 2.14 calls, the older name, torch.distributed's
+    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator_impl", _no_recomputation),
+    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator", _no_recomputation),
+    (
+        "torch.distributed._composable.checkpoint_activation",
+        "_checkpoint_without_reentrant_generator_impl",
+        _no_recomputation,
+    ),
 )
 
 
@@ -88,12 +93,12 @@ def without_activation_checkpointing() -> Iterator[None]:
     """
     replaced: list[tuple[Any, str, Any]] = []
     try:
-        for module_name, attr in _CHECKPOINT_INTERNALS:
+        for module_name, attr, stand_in in _CHECKPOINT_INTERNALS:
             module = sys.modules.get(module_name)
             if module is None or not hasattr(module, attr):
                 continue
             replaced.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, _RunDirectly if attr == "CheckpointFunction" else _no_recomputation)
+            setattr(module, attr, stand_in)
         yield
     finally:
         for module, attr, original in reversed(replaced):
