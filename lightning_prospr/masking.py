@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prospr.compat import forward_pre_hooks, pruned_tensor_name
+
 __all__ = ["apply_masks", "current_masks", "make_permanent", "plain_state_dict", "remove_masks", "split_name"]
 
 
@@ -27,26 +29,31 @@ def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _hook(module: nn.Module, attr: str) -> prune.BasePruningMethod | None:
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == attr:
-            return hook
-        if isinstance(hook, prune.PruningContainer) and hook._tensor_name == attr:
-            return hook
+    for hook in forward_pre_hooks(module).values():
+        if isinstance(hook, (prune.BasePruningMethod, prune.PruningContainer)):
+            if pruned_tensor_name(hook) == attr:
+                return hook
     return None
 
 
 def _aliases(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
     """Every (module, attribute) that holds the same Parameter as ``name`` (tied weights)."""
     module, attr = split_name(model, name)
-    param = module._parameters.get(f"{attr}_orig", module._parameters.get(attr))
+    param = _own_parameter(module, attr)
     if param is None:
         raise ValueError(f"{name!r} is not a parameter of {type(model).__name__}.")
     found = []
     for mod in model.modules():
-        for key, value in mod._parameters.items():
+        for key, value in mod.named_parameters(recurse=False, remove_duplicate=False):
             if value is param:
                 found.append((mod, key.removesuffix("_orig")))
     return found
+
+
+def _own_parameter(module: nn.Module, attr: str) -> nn.Parameter | None:
+    """``module``'s own parameter ``attr``, or ``attr + "_orig"`` when it is under a pruning mask."""
+    own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+    return own.get(f"{attr}_orig", own.get(attr))
 
 
 #: Forward pre-hooks on the ancestors of each masked (module, attribute), by module.
@@ -97,7 +104,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """
     for name, mask in masks.items():
         for module, attr in _aliases(model, name):
-            param = module._parameters.get(f"{attr}_orig", module._parameters.get(attr))
+            param = _own_parameter(module, attr)
             assert param is not None
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(
@@ -141,11 +148,13 @@ def remove_masks(model: nn.Module, names: list[str], bake: bool = True) -> None:
             if bake:
                 prune.remove(module, attr)
                 continue
-            for key, value in list(module._forward_pre_hooks.items()):
+            hooks = forward_pre_hooks(module)
+            for key, value in list(hooks.items()):
                 if value is hook:
-                    del module._forward_pre_hooks[key]
-            param = module._parameters.pop(f"{attr}_orig")
-            del module._buffers[f"{attr}_mask"]
+                    del hooks[key]
+            param = getattr(module, f"{attr}_orig")
+            delattr(module, f"{attr}_orig")
+            delattr(module, f"{attr}_mask")
             if hasattr(module, attr):
                 delattr(module, attr)
             module.register_parameter(attr, param)
