@@ -10,22 +10,37 @@ only (training afterwards uses them as before):
 - activation checkpointing (:mod:`torch.utils.checkpoint`): the segment's forward pass is re-run
   during the backward pass, after ``functional_call`` has put the model's own parameters back, so
   the gradients would be those of the wrong weights (:func:`without_activation_checkpointing`);
-- fused attention kernels, which have no double backward (:func:`twice_differentiable_attention`).
+- fused attention kernels, which have no double backward (:func:`twice_differentiable_attention`);
+- every other operator whose backward PyTorch cannot differentiate again: an equal-valued form
+  that it can, the native kernel instead of cuDNN's, or a clear error before any work is lost
+  (:func:`twice_differentiable_ops`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_prospr.compat import (
+    COMPOSABLE_CHECKPOINT,
+    NON_REENTRANT_CHECKPOINT,
+    REENTRANT_CHECKPOINT,
+    Private,
+)
+from lightning_prospr.errors import NotTwiceDifferentiableError
 
 __all__ = [
     "eager_execution",
     "scoring_execution",
     "twice_differentiable_attention",
+    "twice_differentiable_ops",
     "without_activation_checkpointing",
 ]
 
@@ -62,17 +77,12 @@ def _no_recomputation(*args: Any, **kwargs: Any) -> Iterator[None]:
     yield
 
 
-#: ``(module, attribute, stand-in)`` replaced while scoring; modules not imported are skipped.
-_CHECKPOINT_INTERNALS: tuple[tuple[str, str, Any], ...] = (
-    ("torch.utils.checkpoint", "CheckpointFunction", _RunDirectly),  # use_reentrant=True
-    # use_reentrant=False: the generator that torch 2.14 calls, the older name, torch.distributed's
-    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator_impl", _no_recomputation),
-    ("torch.utils.checkpoint", "_checkpoint_without_reentrant_generator", _no_recomputation),
-    (
-        "torch.distributed._composable.checkpoint_activation",
-        "_checkpoint_without_reentrant_generator_impl",
-        _no_recomputation,
-    ),
+#: The private checkpoint internals replaced while scoring, each with its stand-in (see
+#: :mod:`~lightning_prospr.compat`: a missing one raises instead of being skipped).
+_CHECKPOINT_INTERNALS: tuple[tuple[Private, Any], ...] = (
+    (REENTRANT_CHECKPOINT, _RunDirectly),  # use_reentrant=True
+    (NON_REENTRANT_CHECKPOINT, _no_recomputation),  # use_reentrant=False
+    (COMPOSABLE_CHECKPOINT, _no_recomputation),  # torch.distributed's, once a model imported it
 )
 
 
@@ -90,13 +100,17 @@ def without_activation_checkpointing() -> Iterator[None]:
     ``torch.distributed``) call the segment directly and keep its activations, as without
     checkpointing: the scoring forward needs the memory of an uncheckpointed model
     (``recompute=True`` or ``first_order=True`` bound it). Training is not affected.
+
+    Raises:
+        CompatibilityError: a checkpoint internal is no longer where torch 2.14 had it.
     """
     replaced: list[tuple[Any, str, Any]] = []
     try:
-        for module_name, attr, stand_in in _CHECKPOINT_INTERNALS:
-            module = sys.modules.get(module_name)
-            if module is None or not hasattr(module, attr):
+        for private, stand_in in _CHECKPOINT_INTERNALS:
+            found = private.resolve()
+            if found is None:  # torch.distributed's composable checkpoint, not imported by anyone
                 continue
+            module, attr = found
             replaced.append((module, attr, getattr(module, attr)))
             setattr(module, attr, stand_in)
         yield
@@ -122,12 +136,104 @@ def twice_differentiable_attention() -> AbstractContextManager[object]:
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """:func:`torch.nn.functional.hardsigmoid` as ``relu6(x + 3) / 6``: the same values and the same
+    gradient (zero outside (-3, 3)), and a backward pass that can be differentiated again."""
+    value = F.relu6(input + 3.0) / 6.0
+    return input.copy_(value) if inplace else value
+
+
+#: Operators whose backward PyTorch cannot differentiate again (torch 2.14, CPU and CUDA), each
+#: with an equal-valued form that it can. Checked by the tests: the operator itself fails a double
+#: backward, its form passes ``gradgradcheck`` and gives the same values.
+EQUIVALENT_FORMS: dict[Callable[..., Any], Callable[..., Any]] = {F.hardsigmoid: _hardsigmoid}
+
+#: Operators with no double backward and no equivalent form here: second-order scoring stops at
+#: the first call, naming it and the layer, before an unroll is wasted on it.
+NOT_TWICE_DIFFERENTIABLE: dict[Callable[..., Any], str] = {
+    F.ctc_loss: "ctc_loss",
+    F.multi_margin_loss: "multi_margin_loss",
+}
+
+#: Operators that run cuDNN kernels on CUDA whose backward has no double backward (cuDNN's RNNs and
+#: grid sampler); while scoring second order they run the native CUDA kernels instead.
+CUDNN_WITHOUT_DOUBLE_BACKWARD: frozenset[Callable[..., Any]] = frozenset(
+    {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu, F.grid_sample}
+)
+
+
+def _on_cuda(args: Any) -> bool:
+    if isinstance(args, Tensor):
+        return args.is_cuda
+    if isinstance(args, (list, tuple)):
+        return any(_on_cuda(a) for a in args)
+    return False
+
+
+def _calling_layer(model: nn.Module | None) -> str:
+    """The innermost submodule of ``model`` whose code is running (from the Python stack)."""
+    if model is None:
+        return "the model"
+    names = {id(m): name for name, m in model.named_modules()}
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            name = names[id(owner)]
+            return f"layer {name!r} ({type(owner).__name__})" if name else "the model's own code"
+        frame = frame.f_back
+    return "the loss function"
+
+
+class _TwiceDifferentiableOps(TorchFunctionMode):
+    """Swap operators without a double backward for ones with, while a loss is evaluated."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        super().__init__()
+        self._model = model
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        form = EQUIVALENT_FORMS.get(func)
+        if form is not None:
+            return form(*args, **kwargs)
+        name = NOT_TWICE_DIFFERENTIABLE.get(func)
+        if name is not None:
+            raise NotTwiceDifferentiableError(
+                f"{name} has no double backward in PyTorch {torch.__version__}, so full and recompute "
+                f"mode cannot differentiate through it (called in {_calling_layer(self._model)}). Use "
+                "first_order=True (the first-order meta-gradient needs one backward pass), or replace "
+                f"{name} while scoring (a prospr_loss of your own)."
+            )
+        if func in CUDNN_WITHOUT_DOUBLE_BACKWARD and _on_cuda(args):
+            with torch.backends.cudnn.flags(enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def twice_differentiable_ops(model: nn.Module | None = None) -> AbstractContextManager[object]:
+    """Make every operator the loss calls twice differentiable, or refuse it clearly.
+
+    Inside the context, :func:`torch.nn.functional.hardsigmoid` (``nn.Hardsigmoid``, MobileNetV3's
+    squeeze-excitation gates) is computed as ``relu6(x + 3) / 6`` (:data:`EQUIVALENT_FORMS`); on
+    CUDA, cuDNN's RNNs and grid sampler run the native kernels; the operators of
+    :data:`NOT_TWICE_DIFFERENTIABLE` raise :class:`~lightning_prospr.errors.NotTwiceDifferentiableError`
+    naming the operator and the layer of ``model`` that called it, and suggesting first-order
+    mode. Everything else runs as it is. Training is not affected.
+    """
+    return _TwiceDifferentiableOps(model)
+
+
 @contextmanager
-def scoring_execution(second_order: bool = True) -> Iterator[None]:
-    """All of the above for one scoring forward pass (the attention restriction if ``second_order``)."""
+def scoring_execution(second_order: bool = True, model: nn.Module | None = None) -> Iterator[None]:
+    """All of the above for one scoring forward pass of ``model`` (attention and operators made
+    twice differentiable only if ``second_order``)."""
     with ExitStack() as stack:
         stack.enter_context(eager_execution())
         stack.enter_context(without_activation_checkpointing())
         if second_order:
             stack.enter_context(twice_differentiable_attention())
+            stack.enter_context(twice_differentiable_ops(model))
         yield

@@ -28,15 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_prospr.errors import NotTwiceDifferentiableError, UnrollError
 from lightning_prospr.execution import scoring_execution
 
 __all__ = ["StatelessLoss", "UnrollError", "sgd_unroll"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-class UnrollError(RuntimeError):
-    """A failure inside the unrolled inner loop, with the step and batch it happened at."""
 
 
 class _LossModule(nn.Module):
@@ -69,6 +66,22 @@ def raise_if_compiled_double_backward(err: BaseException, what: str) -> None:
         ) from err
 
 
+def raise_if_not_twice_differentiable(err: BaseException, what: str) -> None:
+    """Turn PyTorch's "derivative for aten::X_backward is not implemented", raised by the second
+    backward pass through an operator that :func:`~lightning_prospr.execution.twice_differentiable_ops`
+    does not know, into advice. ``what`` names the computation that differentiates twice."""
+    text = str(err)
+    if isinstance(err, RuntimeError) and "derivative for" in text and "is not implemented" in text:
+        op = text.split("derivative for", 1)[1].split("is not implemented", 1)[0].strip()
+        raise NotTwiceDifferentiableError(
+            f"{what} differentiates the loss twice, but PyTorch {torch.__version__} has no double "
+            f"backward for {op}, an operator of the model or the loss. Use first_order=True (one "
+            "backward pass), or replace that operator while scoring (a prospr_loss of your own); "
+            f"please report it so that scoring can swap it for a twice-differentiable form. "
+            f"Original error: {err}"
+        ) from err
+
+
 class StatelessLoss:
     """``loss_fn(model, batch)`` evaluated with the model's tensors replaced by given ones.
 
@@ -97,6 +110,9 @@ class StatelessLoss:
     ) -> None:
         self._second_order = second_order
         self._module = _LossModule(model, loss_fn)
+        #: What the messages call the loss: ``loss_fn.source`` where it has one (the callback's
+        #: ``"training_step"``), else ``"loss_fn"``.
+        self.source: str = getattr(loss_fn, "source", "loss_fn")
         self._buffers = {f"model.{name}": b for name, b in buffers.items()}
         self._multipliers = dict(multipliers or {})
 
@@ -105,7 +121,7 @@ class StatelessLoss:
         for name, t in params.items():
             factor = self._multipliers.get(name)
             tensors[f"model.{name}"] = t if factor is None else t * factor
-        with scoring_execution(second_order=self._second_order):
+        with scoring_execution(second_order=self._second_order, model=self._module.model):
             return functional_call(self._module, tensors, (batch,), tie_weights=True, strict=False)
 
 
@@ -177,7 +193,7 @@ def evaluate_loss(
     what = "final loss" if step == total else "inner SGD step"
     where = f"at inner step {step} of {total} ({what}, batch {step})"
     with loss_context(where):
-        return check_loss(loss(params, batch), where)
+        return check_loss(loss(params, batch), where, source=loss.source)
 
 
 def sgd_unroll(
