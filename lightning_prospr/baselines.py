@@ -50,6 +50,7 @@ from lightning_prospr.unroll import (
     check_loss,
     loss_context,
     raise_if_compiled_double_backward,
+    raise_if_not_twice_differentiable,
 )
 
 __all__ = [
@@ -94,7 +95,8 @@ def _evaluate(
     loss: StatelessLoss, params: Mapping[str, Tensor], batch: Any, method: str, index: int
 ) -> Tensor:
     with loss_context(f"while computing {method} scores (batch {index})"):
-        return check_loss(loss(params, batch), f"while computing {method} scores (batch {index})")
+        where = f"while computing {method} scores (batch {index})"
+        return check_loss(loss(params, batch), where, source=loss.source)
 
 
 def _first_batches(batches: Iterable[Any], count: int) -> list[Any]:
@@ -104,9 +106,13 @@ def _first_batches(batches: Iterable[Any], count: int) -> list[Any]:
     return drawn
 
 
-def _scored(model: nn.Module, parameters: Sequence[str] | None) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(named_parameters, {name: key})``; ``key`` is ``name + "_orig"`` for a pruned weight."""
-    names = resolve_parameters(model, parameters)
+def _scored(
+    model: nn.Module, parameters: Sequence[str] | None, loss_fn: Any = None, batch: Any = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(named_parameters, {name: key})``; ``key`` is ``name + "_orig"`` for a pruned weight. The
+    default set is watched in ``loss_fn(model, batch)`` when a loss is given (see
+    :func:`~lightning_prospr.scores.resolve_parameters`)."""
+    names = resolve_parameters(model, parameters, loss_fn, batch)
     named: dict[str, Tensor] = dict(model.named_parameters())
     return named, {n: parameter_key(named, n) for n in names}
 
@@ -148,9 +154,9 @@ def snip_scores(
     Raises:
         UnrollError: if the loss fails or is not a finite scalar, or a score is not finite.
     """
-    named, keys = _scored(model, parameters)
-    weights = {n: named[k] for n, k in keys.items()}
     batch = _first_batches(batches, 1)[0]
+    named, keys = _scored(model, parameters, loss_fn, batch)
+    weights = {n: named[k] for n, k in keys.items()}
     with preserved_state(model, next(iter(weights.values())).device), torch.enable_grad():
         model.train()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -254,9 +260,9 @@ def grasp_scores(
         raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}; GraSP uses 200.")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}.")
-    named, keys = _scored(model, parameters)
-    weights = {n: named[k] for n, k in keys.items()}
     drawn = _first_batches(batches, num_batches)
+    named, keys = _scored(model, parameters, loss_fn, drawn[0])
+    weights = {n: named[k] for n, k in keys.items()}
     modules = dict(model.named_modules())
     target_name = logits_module or ""
     if target_name not in modules:
@@ -268,7 +274,7 @@ def grasp_scores(
     with preserved_state(model, device), torch.enable_grad():
         model.train()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        loss = StatelessLoss(model, loss_fn, buffers)
+        loss = StatelessLoss(model, loss_fn, buffers, second_order=True)
         leaves = set(keys.values())
         params = {n: p.detach().requires_grad_(n in leaves) for n, p in named.items()}
         scored = [params[k] for k in keys.values()]
@@ -308,6 +314,7 @@ def grasp_scores(
                         hg = [a + b for a, b in zip(hg, second, strict=True)]
                 except RuntimeError as err:
                     raise_if_compiled_double_backward(err, "GraSP's Hessian-gradient product")
+                    raise_if_not_twice_differentiable(err, "GraSP's Hessian-gradient product")
                     raise
                 del value, taped, z
         del loss, buffers, params, scored

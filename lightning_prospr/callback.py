@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -27,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_prospr.compat import before_batch_transfer, check_lightning, train_data_source
 from lightning_prospr.masking import (
     apply_masks,
     current_masks,
@@ -34,13 +33,16 @@ from lightning_prospr.masking import (
     remove_masks,
 )
 from lightning_prospr.pipeline import _example_input as _batch_input
-from lightning_prospr.pipeline import batches_needed, check_options, compute_masks, pruned_names
+from lightning_prospr.pipeline import batches_needed, check_options, compute_masks
 from lightning_prospr.report import SparsityReport, density_figure
+from lightning_prospr.rng import isolated_rng
 from lightning_prospr.scores import _check_hyperparameters
 from lightning_prospr.selection import check_sparsity
-from lightning_prospr.unroll import UnrollError, check_loss
+from lightning_prospr.unroll import UnrollError
 
 __all__ = ["ProsprPruningCallback"]
+
+check_lightning()
 
 #: Seconds of scoring before the progress bar appears.
 PROGRESS_DELAY = 1.0
@@ -48,20 +50,6 @@ PROGRESS_DELAY = 1.0
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-@contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Python, NumPy and torch (CPU and CUDA) RNG states restored on exit, also on an exception.
-
-    (Lightning's ``isolate_rng`` does not restore them when the body raises.) Drawing batches
-    needs this too: every DataLoader iterator draws its base seed from the global torch RNG.
-    """
-    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-    try:
-        yield
-    finally:
-        _set_rng_states(states)
 
 
 @contextmanager
@@ -268,8 +256,7 @@ class ProsprPruningCallback(Callback):
             )
 
     def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        names = pruned_names(pl_module, self.parameters, self.structured)
-        within = current_masks(pl_module, names)  # masks the module carried already: nest inside them
+        within = current_masks(pl_module)  # masks the module carried already: nest inside them
         custom = getattr(pl_module, "prospr_loss", None)
         if custom is None and not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -278,39 +265,13 @@ class ProsprPruningCallback(Callback):
                 "`prospr_loss(self, batch, batch_idx) -> Tensor` on the module."
             )
         start = time.perf_counter()
-        with _isolated_rng():
+        with isolated_rng():
             batches = self._draw_batches(trainer, pl_module)
-            precision = trainer.precision_plugin
-
             per_unroll = self.steps + 1 + (self.steps if self.recompute and not self.first_order else 0)
             passes = {"prospr": per_unroll, "snip": 1, "grasp": 2}.get(self.method, 0)
-            bar = self._progress(trainer, passes * self.num_batches * (self.rounds or 1))
-
-            def loss_fn(model: Any, item: tuple[int, Any]) -> Tensor:
-                batch_idx, batch = item
-                if bar is not None:
-                    bar.update(1)
-                with precision.train_step_context():
-                    if custom is not None:
-                        out = model.prospr_loss(batch, batch_idx)
-                    else:
-                        out = model.training_step(batch, batch_idx)
-                source = "prospr_loss" if custom is not None else "training_step"
-                if isinstance(out, Mapping):
-                    if "loss" not in out:
-                        raise UnrollError(
-                            f"{source} returned a dict without a 'loss' key (keys: {list(out)}) on "
-                            f"batch {batch_idx} of ProsPr scoring; return the loss under 'loss' or define "
-                            "`prospr_loss(self, batch, batch_idx)` on the module."
-                        )
-                    out = out["loss"]
-                if out is None:
-                    raise UnrollError(
-                        f"{source} returned None on batch {batch_idx} of ProsPr scoring, so there is no "
-                        "loss to differentiate; make it return the loss for every batch, or define "
-                        "`prospr_loss(self, batch, batch_idx)` on the module."
-                    )
-                return check_loss(out, f"on batch {batch_idx} of ProsPr scoring", source=source)
+            # + 1: the pass that finds the default set of weights
+            bar = self._progress(trainer, passes * self.num_batches * (self.rounds or 1) + 1)
+            loss_fn = _ModuleLoss(trainer, custom is not None, bar)
 
             def sum_over_ranks(scores: dict[str, Tensor]) -> dict[str, Tensor]:
                 if trainer.world_size == 1:
@@ -331,7 +292,7 @@ class ProsprPruningCallback(Callback):
                         weight_decay=self.weight_decay,
                         first_order=self.first_order,
                         recompute=self.recompute,
-                        parameters=names,
+                        parameters=self.parameters,
                         structured=self.structured,
                         rounds=self.rounds,
                         num_batches=self.num_batches,
@@ -376,7 +337,7 @@ class ProsprPruningCallback(Callback):
         for i in range(count):
             batch = raw[i % len(raw)]
             batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = before_batch_transfer(pl_module, batch)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
             moved.append((i, batch))
         return moved
@@ -417,9 +378,48 @@ class ProsprPruningCallback(Callback):
         )
 
 
+class _ModuleLoss:
+    """The scoring loss of a LightningModule: ``training_step`` (or ``prospr_loss``) on a
+    ``(batch_idx, batch)`` item, under the precision plugin's autocast, as one tensor.
+
+    Whether that tensor is a finite scalar with a gradient is checked by the engine, which calls
+    it ``training_step`` (or ``prospr_loss``) in its messages (:attr:`source`).
+    """
+
+    def __init__(self, trainer: pl.Trainer, custom: bool, bar: Any) -> None:
+        self.precision = trainer.precision_plugin
+        self.custom = custom
+        self.bar = bar
+        self.source = "prospr_loss" if custom else "training_step"
+
+    def __call__(self, model: Any, item: tuple[int, Any]) -> Any:
+        batch_idx, batch = item
+        if self.bar is not None and self.bar.n < self.bar.total:
+            self.bar.update(1)
+        with self.precision.train_step_context():
+            out = (
+                model.prospr_loss(batch, batch_idx) if self.custom else model.training_step(batch, batch_idx)
+            )
+        if isinstance(out, Mapping):
+            if "loss" not in out:
+                raise UnrollError(
+                    f"{self.source} returned a dict without a 'loss' key (keys: {list(out)}) on batch "
+                    f"{batch_idx} of ProsPr scoring; return the loss under 'loss' or define "
+                    "`prospr_loss(self, batch, batch_idx)` on the module."
+                )
+            out = out["loss"]
+        if out is None:
+            raise UnrollError(
+                f"{self.source} returned None on batch {batch_idx} of ProsPr scoring, so there is no loss "
+                "to differentiate; make it return the loss for every batch, or define "
+                "`prospr_loss(self, batch, batch_idx)` on the module."
+            )
+        return out
+
+
 def _train_dataloader(trainer: pl.Trainer) -> Any:
     """The train dataloader(s) of whichever source this fit uses (datamodule, module or ``fit`` arg)."""
-    source = getattr(trainer.fit_loop, "_data_source", None)
+    source = train_data_source(trainer)
     if source is None or not source.is_defined():
         raise MisconfigurationException(
             "ProsprPruningCallback found no train dataloader: pass `train_dataloaders` or a "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,12 +96,19 @@ def check_options(
     return rounds
 
 
-def pruned_names(model: nn.Module, parameters: Sequence[str] | None, structured: bool) -> list[str]:
-    """The weights to prune: ``parameters``, or the default set, without the last layer (the
-    classifier, which keeps all its outputs) when ``structured``."""
+def pruned_names(
+    model: nn.Module,
+    parameters: Sequence[str] | None,
+    structured: bool,
+    loss_fn: LossFn | None = None,
+    batch: Any = None,
+) -> list[str]:
+    """The weights to prune: ``parameters``, or the default set (watched in ``loss_fn(model,
+    batch)``, see :mod:`~lightning_prospr.prunable`), without the last layer (the classifier,
+    which keeps all its outputs) when ``structured``."""
     if parameters is not None or not structured:
-        return resolve_parameters(model, parameters)
-    names = resolve_parameters(model, None)[:-1]
+        return resolve_parameters(model, parameters, loss_fn, batch)
+    names = resolve_parameters(model, None, loss_fn, batch)[:-1]
     if not names:
         raise ValueError(
             "structured pruning found only one prunable layer (the classifier): pass `parameters`."
@@ -166,17 +174,21 @@ def compute_masks(
         method: ``"prospr"``, ``"snip"``, ``"grasp"``, ``"synflow"``, ``"magnitude"`` or ``"random"``.
         steps, lr, momentum, weight_decay, first_order, recompute: ProsPr's inner loop (see
             :func:`~lightning_prospr.prospr_scores`).
-        parameters: names of the weights to prune; ``None`` is the default set (without the last
-            layer, the classifier, when ``structured``).
+        parameters: names of the weights to prune; ``None`` is the default set, the weight matrices
+            that multiply activations in one watched pass of ``loss_fn`` on the first batch
+            (:mod:`~lightning_prospr.prunable`; without the last layer, the classifier, when
+            ``structured``).
         structured: one mask per output channel; global top-k over channels.
         rounds: iterative pruning in ``rounds`` rounds on :func:`density_schedule`, re-scoring the
             masked network each round. ``None``: 1, except 100 for SynFlow (as in its paper).
         num_batches: average the scores of this many independent unrolls (new batches each), one
             unroll in memory at a time.
         layer_floor, keep_connected: the layer-collapse guard (:mod:`~lightning_prospr.guard`):
-            weights kept per tensor at least, and whether to keep every tensor on an input-output
-            path (needs an example input: ``example_input`` or the first tensor of a batch).
-            ``layer_floor=0, keep_connected=False`` gives plain top-k.
+            weights kept per tensor at least, and whether to keep every tensor on a path from the
+            input to the loss (checked through ``loss_fn`` on the first batch: no ``forward``
+            needed). ``layer_floor=0, keep_connected=False`` gives plain top-k.
+        example_input: SynFlow's input, whose shape it needs (SynFlow is data-free and calls the
+            model's ``forward``); by default the first tensor of the first batch.
         within: existing keep-masks to nest in (weights outside them count as removed).
         seed: for ``method="random"``.
         score_hook: called as ``score_hook(scores)`` on every round's scores before selection (the
@@ -188,11 +200,15 @@ def compute_masks(
     start = time.perf_counter()
     check_sparsity(sparsity)
     rounds = check_options(method, structured, rounds, num_batches, layer_floor)
-    names = pruned_names(model, parameters, structured)
     stream = _BatchStream(batches)
+    names = pruned_names(model, parameters, structured, loss_fn, stream.peek())
     example = example_input if example_input is not None else _example_input(stream.peek())
     if method == "synflow" and example is None:
-        raise ValueError("SynFlow needs the model input's shape: pass `example_input` (a batch of inputs).")
+        raise ValueError(
+            "SynFlow is data-free and runs the model's forward on an all-ones input, so it needs the "
+            "input's shape: pass `example_input` (a batch of inputs; in the callback, set the module's "
+            "`example_input_array`)."
+        )
 
     def score(current: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         if method in ("prospr", "snip"):
@@ -242,13 +258,16 @@ def compute_masks(
             current = masks
     guard = GuardReport()
     if layer_floor or keep_connected:
+        connect = keep_connected and not structured
         masks, guard = guard_masks(
             scores,
             masks,
             layer_floor=layer_floor,
-            model=model if keep_connected and not structured else None,
-            example_input=example,
+            model=model if connect else None,
+            loss_fn=loss_fn if connect else None,
+            batch=stream.peek(),
         )
+        _warn_unchecked(guard)
     named = dict(model.named_parameters())
     channel_masks: dict[str, Tensor] = {}
     macs: dict[str, int] = {}
@@ -257,6 +276,28 @@ def compute_masks(
         masks = {n: m.expand_as(named[parameter_key(named, n)]).clone() for n, m in masks.items()}
         macs = layer_macs(model, loss_fn, stream.peek(), list(masks))
     return MaskResult(masks, channel_masks, guard, time.perf_counter() - start, macs)
+
+
+def _warn_unchecked(guard: GuardReport) -> None:
+    """One warning when the guard could not check connectivity everywhere, with what to pass."""
+    if guard.skipped is not None:
+        warnings.warn(
+            f"The layer-collapse guard could not check that every layer stays on a path from the "
+            f"input to the loss ({guard.skipped}); it kept only its per-layer floor. Pass "
+            "keep_connected=False to skip the check and this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif guard.unchecked:
+        shown = ", ".join(guard.unchecked[:4]) + (", ..." if len(guard.unchecked) > 4 else "")
+        warnings.warn(
+            f"The layer-collapse guard found no path from the batch to the loss through "
+            f"{len(guard.unchecked)} scored tensor(s) even in the dense network ({shown}), so it "
+            "could not check that those stay connected (the others are checked). Pass "
+            "keep_connected=False to skip the check and this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def layer_macs(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequence[str]) -> dict[str, int]:

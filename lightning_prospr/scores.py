@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lightning_prospr.compat import forward_pre_hooks, pruned_tensor_name
 from lightning_prospr.cpu_memory import release_freed_memory
+from lightning_prospr.prunable import default_parameter_names, prunable_parameters
 from lightning_prospr.unroll import (
     LossFn,
     StatelessLoss,
@@ -36,36 +38,14 @@ from lightning_prospr.unroll import (
     evaluate_loss,
     is_out_of_memory,
     raise_if_compiled_double_backward,
+    raise_if_not_twice_differentiable,
     sgd_adjoint,
     sgd_unroll,
 )
 
 __all__ = ["default_parameter_names", "prospr_scores", "take_batches"]
 
-#: Module types whose ``weight`` is scored by default.
-DEFAULT_SCORED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def default_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the weights scored by default: the trainable ``weight`` of every Linear and Conv1d/2d/3d.
-
-    Frozen weights (``requires_grad=False``) are left out; name them in ``parameters`` to score them.
-    A weight shared by several modules (tied weights) is listed once, under its first name. A weight
-    that already carries a :mod:`torch.nn.utils.prune` mask is listed under its plain name
-    (``"fc.weight"``, not ``"fc.weight_orig"``).
-    """
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    names: list[str] = []
-    for module in model.modules():
-        if not isinstance(module, DEFAULT_SCORED_TYPES):
-            continue
-        param = getattr(module, "weight_orig", None)
-        if not isinstance(param, nn.Parameter):
-            param = getattr(module, "weight", None)
-        if isinstance(param, nn.Parameter) and param.requires_grad:
-            names.append(canonical[id(param)])
-    order = list(canonical.values())  # named_parameters() order, each tensor once
-    return [name.removesuffix("_orig") for name in sorted(set(names), key=order.index)]
+# ``default_parameter_names`` moved to :mod:`lightning_prospr.prunable`; re-exported here.
 
 
 def take_batches(batches: Iterable[Any], count: int) -> list[Any]:
@@ -96,18 +76,30 @@ def _check_hyperparameters(steps: int, lr: float, momentum: float, weight_decay:
         raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}.")
 
 
-def resolve_parameters(model: nn.Module, parameters: Sequence[str] | None) -> list[str]:
+def resolve_parameters(
+    model: nn.Module,
+    parameters: Sequence[str] | None,
+    loss_fn: LossFn | None = None,
+    batch: Any = None,
+) -> list[str]:
     """Check ``parameters`` against the model (or pick the default set) and return the names.
 
-    A name may be given plainly (``"fc.weight"``) for a weight that carries a
-    :mod:`torch.nn.utils.prune` re-parametrization (``fc.weight_orig`` and ``fc.weight_mask``).
+    The default set (``parameters=None``) is :func:`~lightning_prospr.prunable.prunable_parameters`
+    when a loss and a batch are given (one watched loss pass), else the same rule by module type
+    (:func:`~lightning_prospr.prunable.default_parameter_names`). A name may be given plainly
+    (``"fc.weight"``) for a weight that carries a :mod:`torch.nn.utils.prune` re-parametrization
+    (``fc.weight_orig`` and ``fc.weight_mask``).
     """
     if parameters is None:
-        names = default_parameter_names(model)
+        if loss_fn is not None:
+            names = prunable_parameters(model, loss_fn, batch)
+        else:
+            names = default_parameter_names(model)
         if not names:
             raise ValueError(
-                f"{type(model).__name__} has no trainable Linear or Conv1d/2d/3d weight to prune: pass "
-                "`parameters` with the names (from model.named_parameters()) of the weights to score."
+                f"{type(model).__name__} has no trainable weight matrix to prune (no parameter of two or "
+                "more dimensions is multiplied with activations in the loss): pass `parameters` with the "
+                "names (from model.named_parameters()) of the weights to score."
             )
         return names
     if isinstance(parameters, str):
@@ -139,9 +131,9 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     """
     flags = [(m, m.training) for m in model.modules()]
     derived = [
-        (m, hook._tensor_name, getattr(m, hook._tensor_name, None))
+        (m, pruned_tensor_name(hook), getattr(m, pruned_tensor_name(hook), None))
         for m in model.modules()
-        for hook in m._forward_pre_hooks.values()
+        for hook in forward_pre_hooks(m).values()
         if isinstance(hook, (prune.BasePruningMethod, prune.PruningContainer))
     ]
     cuda_devices = [device] if device.type == "cuda" else []
@@ -215,8 +207,8 @@ def prospr_scores(
         28
     """
     _check_hyperparameters(steps, lr, momentum, weight_decay)
-    names = resolve_parameters(model, parameters)
     drawn = take_batches(batches, steps + 1)
+    names = resolve_parameters(model, parameters, loss_fn, drawn[0])
     named = dict(model.named_parameters())
     keys = {n: parameter_key(named, n) for n in names}
     device = named[keys[names[0]]].device
@@ -240,6 +232,7 @@ def prospr_scores(
             )
     except RuntimeError as err:  # out of memory (torch.OutOfMemoryError, or the CPU or MPS allocator's)
         raise_if_compiled_double_backward(err, "ProsPr's full mode (unlike first_order=True)")
+        raise_if_not_twice_differentiable(err, "ProsPr's full mode (unlike first_order=True)")
         if not is_out_of_memory(err):
             raise
         out_of_memory = str(err)  # raised below, once the traceback (and the graph it holds) is gone

@@ -100,7 +100,7 @@ def test_snip_rejects_non_finite_scores_naming_the_parameter():
         return m[0].weight.abs().sum() + m[1].weight.abs().sqrt().sum()
 
     with pytest.raises(UnrollError, match=r"SNIP score of '1\.weight' is not finite"):
-        snip_scores(model, sqrt_loss, [None])
+        snip_scores(model, sqrt_loss, [None], parameters=["0.weight", "1.weight"])  # no matmul to watch
 
 
 def test_empty_batches_are_refused():

@@ -60,7 +60,7 @@ def test_progress_bar_follows_the_trainers(tmp_path, capsys, monkeypatch, enable
     err = capsys.readouterr().err
     assert ("ProsPr scoring" in err) is enabled
     if enabled:
-        assert re.search(r"\d/4 ", err)  # M + 1 = 4 loss evaluations
+        assert re.search(r"\d/5 ", err)  # the pass finding the weights to prune, then M + 1 = 4
 
 
 def test_density_chart_saved_and_sent_to_tensorboard(tmp_path):

@@ -49,6 +49,6 @@ def test_model_untouched_when_the_loss_fails_part_way():
         return loss_fn(m, batch)
 
     before = snapshot(model)
-    with pytest.raises(UnrollError, match=r"RuntimeError raised by the loss at inner step 2 of 3.*boom"):
+    with pytest.raises(UnrollError, match=r"RuntimeError raised by the loss at inner step 1 of 3.*boom"):
         prospr_scores(model, failing, batches, steps=3)
     assert_same(before, snapshot(model))

@@ -131,10 +131,15 @@ def test_prospr_scores_run_on_each_model(name: str, first_order: bool) -> None:
     model = make()
     scores = prospr_scores(model, _cross_entropy, [batch()], steps=1, lr=0.01, first_order=first_order)
     expected = {
-        n
+        f"{m_name}.{attr}"
         for m_name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        for n in [f"{m_name}.weight"]
+        for attr in (
+            ["weight"]
+            if isinstance(m, (nn.Linear, nn.Conv2d))
+            else ["in_proj_weight"]
+            if isinstance(m, nn.MultiheadAttention)
+            else []
+        )
     }
     assert set(scores) == expected
     named = dict(model.named_parameters())

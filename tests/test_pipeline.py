@@ -188,11 +188,11 @@ def test_guard_prevents_layer_collapse_on_resnet20(sparsity):
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     scores = prospr_scores(model, ce, [(x, y)], steps=1)
     plain = global_masks(scores, sparsity)
-    guarded, report = guard_masks(scores, plain, model=model, example_input=x)
+    guarded, report = guard_masks(scores, plain, model=model, loss_fn=ce, batch=(x, y))
     total = sum(m.numel() for m in plain.values())
     assert sum(int(m.sum()) for m in guarded.values()) == total - pruned_count(sparsity, total)
     assert all(int(m.sum()) >= 1 for m in guarded.values())
-    paths = path_gradients(model, guarded, x)
+    paths = path_gradients(model, guarded, ce, (x, y))
     assert paths.total > 0
     assert all(paths.on_path(n, guarded[n]) >= 1 for n in guarded)  # every layer on a path
     assert report.connected and report.changed
@@ -242,7 +242,7 @@ def test_guard_reconnects_a_chain_broken_in_the_middle():
     all of fc1 this way)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3))
-    x = torch.randn(8, 4)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     masks = {
         n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")
     }
@@ -252,11 +252,11 @@ def test_guard_reconnects_a_chain_broken_in_the_middle():
     scores = {n: torch.rand(m.shape) for n, m in masks.items()}
     scores["0.weight"][2:] += 10.0  # the first layer's pruned weights look best: the old trap
     kept = sum(int(m.sum()) for m in masks.values())
-    assert path_gradients(model, masks, x).total == 0
-    guarded, report = guard_masks(scores, masks, model=model, example_input=x)
+    assert path_gradients(model, masks, ce, (x, y)).total == 0
+    guarded, report = guard_masks(scores, masks, model=model, loss_fn=ce, batch=(x, y))
     assert sum(int(m.sum()) for m in guarded.values()) == kept
     assert all(int(m.sum()) >= 1 for m in guarded.values())
-    paths = path_gradients(model, guarded, x)
+    paths = path_gradients(model, guarded, ce, (x, y))
     assert paths.total > 0 and all(paths.on_path(n, guarded[n]) >= 1 for n in guarded)
     assert report.connected
     assert report.added.get("0.weight", 0) == 0  # the first layer already passed the signal on
@@ -271,8 +271,8 @@ def test_guard_never_pays_below_the_floor_when_it_cannot_connect(monkeypatch):
 
     real = guard_module.path_gradients
 
-    def blind(model, masks, x):
-        paths = real(model, masks, x)
+    def blind(model, masks, loss_fn, batch, one_sample=True):
+        paths = real(model, masks, loss_fn, batch, one_sample)
         if all(bool(m.all()) for m in masks.values()):
             return paths
         return guard_module.Paths({n: torch.zeros_like(g) for n, g in paths.grads.items()}, {}, 0.0)
@@ -287,6 +287,7 @@ def test_guard_never_pays_below_the_floor_when_it_cannot_connect(monkeypatch):
     masks["2.weight"][0, 0] = True  # its only weight, and the lowest score of all
     scores = {n: torch.rand(m.shape) + 1.0 for n, m in masks.items()}
     scores["2.weight"][0, 0] = 0.0
-    guarded, report = guard_masks(scores, masks, layer_floor=1, model=model, example_input=torch.randn(5, 3))
+    batch = (torch.randn(5, 3), torch.randint(0, 2, (5,)))
+    guarded, report = guard_masks(scores, masks, layer_floor=1, model=model, loss_fn=ce, batch=batch)
     assert [int(m.sum()) for m in guarded.values()] == [1, 1, 7]
     assert report.removed == {"4.weight": 1} and not report.connected

@@ -161,18 +161,21 @@ def test_single_batch_is_reused_for_every_step():
     assert not all(torch.equal(reused[n], other[n]) for n in reused)
 
 
-def test_default_set_is_linear_and_conv_weights_once_each():
+def test_default_set_lists_each_matrix_once_and_leaves_tied_embeddings_out():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(7, 4)
             self.conv = nn.Conv1d(4, 4, 3)
             self.norm = nn.LayerNorm(4)
+            self.shared_a = nn.Linear(4, 4)
+            self.shared_b = nn.Linear(4, 4)
+            self.shared_b.weight = self.shared_a.weight  # tied: listed once, under its first name
             self.head = nn.Linear(4, 7)
-            self.head.weight = self.embed.weight  # tied
+            self.head.weight = self.embed.weight  # tied to the embedding: left out
 
     names = default_parameter_names(Tied())
-    assert names == ["embed.weight", "conv.weight"]  # head.weight is embed.weight, listed once
+    assert names == ["conv.weight", "shared_a.weight"]
 
 
 def test_scores_on_any_module_with_tied_weights():
