@@ -6,6 +6,7 @@ loop) -> :mod:`~lightning_prospr.scores` (saliency) -> :mod:`~lightning_prospr.s
 :class:`ProsprPruningCallback` is the Lightning adapter around them.
 """
 
+from lightning_prospr import compat
 from lightning_prospr.callback import ProsprPruningCallback
 from lightning_prospr.masking import apply_masks, current_masks, make_permanent
 from lightning_prospr.report import SparsityReport
@@ -14,6 +15,8 @@ from lightning_prospr.selection import global_masks
 from lightning_prospr.unroll import UnrollError
 
 __version__ = "0.1.0"
+
+compat.check_torch()  # every private torch name the engine uses is where it was, or a clear error
 
 __all__ = [
     "ProsprPruningCallback",

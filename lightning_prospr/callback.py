@@ -207,6 +207,10 @@ class ProsprPruningCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _check_strategy(trainer.strategy)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._masks is None:
             self._masks = self._compute_masks(trainer, pl_module)
@@ -375,6 +379,21 @@ class ProsprPruningCallback(Callback):
             delay=PROGRESS_DELAY,
             leave=False,
             file=sys.stderr,
+        )
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse, before any work, the strategies that shard the parameters (FSDP, DeepSpeed,
+    ModelParallel): scoring substitutes whole parameters into the module, which a sharded module
+    does not hold, and FSDP cannot differentiate twice (full and recompute mode)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise MisconfigurationException(
+            f"ProsprPruningCallback does not support {type(strategy).__name__}: it shards the parameters, "
+            "and scoring needs each rank to hold whole ones (FSDP also cannot differentiate twice, which "
+            "full and recompute mode do). Supported: a single device and DDP (strategy='ddp', "
+            "'ddp_spawn', 'ddp_fork', ...), in every mode: train the pruned model with one of them."
         )
 
 

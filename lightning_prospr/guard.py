@@ -6,11 +6,12 @@ set in place of plain top-k, keeping the number of removed weights exactly the s
 
 1. **Floor**: every scored tensor keeps at least ``min(layer_floor, numel)`` weights (its best-scored).
 2. **Connectivity** (given the model, its loss and a batch): a weight is *on a path* when the
-   linearized network (every scored weight replaced by :math:`|\\theta| \\odot m`, biases, BatchNorm
-   shifts and running means set to 0, running variances to 1, the batch's floating-point tensors
-   all ones), run through the user's own loss, has :math:`\\partial R / \\partial q \\ne 0` there,
-   with :math:`R` the sum of the predictions handed to the loss (:func:`path_gradients`): a
-   positive network carries signal from input to output exactly along paths of kept weights. Every
+   linearized network (:mod:`~lightning_prospr.linearized`: every scored weight replaced by
+   :math:`|\\theta| \\odot m`, biases set to 0, the batch's floating-point tensors all ones,
+   saturating activations made linear), run through the user's own loss, has
+   :math:`\\partial R / \\partial q \\ne 0` there, with :math:`R` the sum of the predictions handed
+   to the loss (:func:`~lightning_prospr.linearized.path_gradients`): a positive network carries
+   signal from input to output exactly along paths of kept weights. Every
    tensor that is on a path in the dense network must keep at least one weight on a path. A
    tensor with none gets its best-scored pruned weight whose addition would complete a path. When
    no single weight can (the signal stops before the tensor), the signal is extended where it
@@ -26,19 +27,16 @@ paths it is on. Weights the guard added are never the ones removed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from lightning_prospr.scores import parameter_key, preserved_state
-from lightning_prospr.unroll import LossFn, StatelessLoss
+from lightning_prospr.linearized import Paths, Probe, path_gradients
+from lightning_prospr.unroll import LossFn
 
 __all__ = ["GuardReport", "Paths", "guard_masks", "path_gradients"]
 
@@ -66,271 +64,11 @@ class GuardReport:
         return ", ".join(parts)
 
 
-def _is_shift(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf.startswith("bias") or leaf in ("running_mean", "beta")
-
-
-@torch.no_grad()
-def _linearized(model: nn.Module, scored: set[str]) -> dict[str, Tensor]:
-    fixed: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if name not in scored:
-            fixed[name] = torch.zeros_like(p, dtype=torch.float64) if _is_shift(name) else p.abs().double()
-    for name, b in model.named_buffers():
-        if not b.is_floating_point():
-            fixed[name] = b.clone()
-        elif name.rsplit(".", 1)[-1] == "running_var":
-            fixed[name] = torch.ones_like(b, dtype=torch.float64)
-        elif _is_shift(name) or name.endswith("_mask"):
-            fixed[name] = torch.zeros_like(b, dtype=torch.float64) if _is_shift(name) else b.double()
-        else:
-            fixed[name] = b.abs().double()
-    return fixed
-
-
-def _positive_batch(batch: Any, one_sample: bool) -> Any:
-    """``batch`` with every floating-point tensor replaced by float64 ones (integer inputs such as
-    token ids and labels kept), cut to its first sample when ``one_sample``."""
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            if one_sample and value.dim() >= 1:
-                value = value[:1]
-            if value.is_floating_point():
-                return torch.ones_like(value, dtype=torch.float64)
-            return value
-        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-            return type(value)(*(convert(v) for v in value))
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.replace(
-                value,
-                **{f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init},
-            )
-        if isinstance(value, (list, tuple)):
-            return type(value)(convert(v) for v in value)
-        if isinstance(value, Mapping):
-            return type(value)((k, convert(v)) for k, v in value.items())  # type: ignore[call-arg]
-        return value
-
-    return convert(batch)
-
-
-def _batch_sizes(batch: Any) -> set[int]:
-    if isinstance(batch, Tensor):
-        return {batch.shape[0]} if batch.dim() >= 1 else set()
-    if isinstance(batch, (list, tuple)):
-        return set().union(*(_batch_sizes(v) for v in batch)) if batch else set()
-    if isinstance(batch, Mapping):
-        return set().union(*(_batch_sizes(v) for v in batch.values())) if batch else set()
-    return set()
-
-
-#: Loss functions whose first argument is the prediction: the linearized pass sums it instead.
-_PREDICTION_LOSSES = frozenset(
-    {
-        F.cross_entropy,
-        F.binary_cross_entropy_with_logits,
-        F.binary_cross_entropy,
-        F.mse_loss,
-        F.l1_loss,
-        F.smooth_l1_loss,
-        F.huber_loss,
-        F.soft_margin_loss,
-        F.multilabel_soft_margin_loss,
-        F.poisson_nll_loss,
-        F.gaussian_nll_loss,
-    }
-)
-#: Casts that would take the float64 linearized pass to another floating-point type.
-_CASTS = frozenset({Tensor.float, Tensor.half, Tensor.bfloat16, Tensor.to, Tensor.type, Tensor.type_as})
-
-
-def _to_float64(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64:
-        return value.double()
-    if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-        return type(value)(_to_float64(v) for v in value)
-    return value
-
-
-def _mixes_float64(args: tuple[Any, ...]) -> bool:
-    """Whether a float64 tensor meets a lower-precision floating-point one among ``args``."""
-    kinds = {a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0}
-    return torch.float64 in kinds and len(kinds) > 1
-
-
-class _Predictions(TorchFunctionMode):
-    """Inside the linearized loss pass: collect the predictions handed to loss functions, and keep
-    the pass in float64: through the casts of the user's code (``x.float()``, ``.to(self.dtype)``),
-    and where a float64 tensor meets a float32 one the batch brought in a container this module
-    does not know (its values are then the batch's own, not ones)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[Tensor] = []
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func in _PREDICTION_LOSSES:
-            prediction = args[0] if args else kwargs.get("input")
-            if isinstance(prediction, Tensor) and prediction.is_floating_point():
-                self.found.append(prediction)
-        if _mixes_float64(args):
-            args = tuple(_to_float64(a) for a in args)
-        out = func(*args, **kwargs)
-        if (
-            func in _CASTS
-            and isinstance(out, Tensor)
-            and out.is_floating_point()
-            and args
-            and isinstance(args[0], Tensor)
-            and args[0].dtype == torch.float64
-        ):
-            out = out.double()
-        return out
-
-
-@dataclass
-class Paths:
-    """Signal flow in the linearized network under some masks.
-
-    Attributes:
-        grads: :math:`\\partial R / \\partial q` per masked tensor (non-zero exactly where a weight,
-            kept or not, would lie on an input-to-output path).
-        upstream: per masked tensor, a bool tensor broadcastable to the weight: ``True`` where the
-            weight's input feature carries signal from the input (Linear, Conv and ConvTranspose
-            layers and Hugging Face's ``Conv1D`` only).
-        total: :math:`R`.
-    """
-
-    grads: dict[str, Tensor]
-    upstream: dict[str, Tensor]
-    total: float
-
-    def on_path(self, name: str, mask: Tensor) -> int:
-        """Kept weights of ``name`` that lie on an input-to-output path."""
-        return int(((self.grads[name] != 0) & mask).sum())
-
-
-def _input_features(module: nn.Module, inputs: tuple[Any, ...], weight: Tensor) -> Tensor | None:
-    """Which input features of ``module`` (the layer owning ``weight``) carry signal, shaped to
-    broadcast against the weight; ``None`` for a layer this cannot tell."""
-    x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-    if x is None or x.dim() < 2:
-        return None
-    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    if isinstance(module, convolutions + transposed) and module.groups == 1:
-        alive = x.abs().sum(dim=[d for d in range(x.dim()) if d != 1]) > 0
-        if isinstance(module, transposed):  # weight (in, out, *kernel)
-            return alive.reshape(-1, *([1] * (weight.dim() - 1)))
-        return alive.reshape(1, -1, *([1] * (weight.dim() - 2)))
-    if isinstance(module, nn.Linear):
-        return (x.abs().reshape(-1, x.shape[-1]).sum(0) > 0).reshape(1, -1)
-    if type(module).__name__ == "Conv1D" and weight.dim() == 2:  # transformers': weight (in, out)
-        return (x.abs().reshape(-1, x.shape[-1]).sum(0) > 0).reshape(-1, 1)
-    return None
-
-
-def path_gradients(
-    model: nn.Module, masks: Mapping[str, Tensor], loss_fn: LossFn, batch: Any, one_sample: bool = True
-) -> Paths:
-    """Where signal flows from the batch to the loss in the linearized network with ``masks``.
-
-    The loss pass is the user's own, ``loss_fn(model, batch)``, with the model's tensors replaced
-    through :func:`torch.func.functional_call` (the model never needs a ``forward``): every scored
-    weight by :math:`|\\theta| \\odot m`, every other parameter and buffer by its absolute value,
-    biases, BatchNorm shifts and running means by 0 and running variances by 1, in float64 and in
-    eval mode; every floating-point tensor of the batch becomes ones (token ids and labels are
-    kept), cut to the first sample when ``one_sample`` and all of the batch's tensors share their
-    first dimension.
-    :math:`R` is the sum of the predictions that the pass hands to loss functions
-    (``F.cross_entropy``, ``F.mse_loss``, ... and the modules that call them), or the loss itself
-    when it calls none of those. A positive network carries signal along exactly the paths of kept
-    weights, so :math:`\\partial R / \\partial q \\ne 0` marks the weights on a path.
-
-    The model is left as it was (tensors are substituted, never written; modes and RNG restored).
-    """
-    named = dict(model.named_parameters())
-    keys = {n: parameter_key(named, n) for n in masks}
-    fixed = _linearized(model, set(keys.values()))
-    leaves = {
-        n: (named[k].detach().abs().double() * masks[n].to(torch.float64)).requires_grad_(True)
-        for n, k in keys.items()
-    }
-    upstream: dict[str, Tensor] = {}
-    handles = []
-    for name in masks:
-        module = model.get_submodule(name.rpartition(".")[0])
-
-        def record(mod: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
-            alive = _input_features(mod, inputs, masks[name])
-            if alive is not None:
-                upstream[name] = alive.detach()
-
-        handles.append(module.register_forward_pre_hook(record))
-    buffers = {n: t for n, t in fixed.items() if n not in named}
-    params = {n: t for n, t in fixed.items() if n in named}
-    params.update({keys[n]: t for n, t in leaves.items()})
-    probe = StatelessLoss(model, loss_fn, buffers)
-    device = next(iter(leaves.values())).device
-    sizes = _batch_sizes(batch)
-    batch = _positive_batch(batch, one_sample and len(sizes) == 1 and next(iter(sizes)) > 1)
-    try:
-        with preserved_state(model, device), torch.enable_grad():
-            model.eval()
-            predictions = _Predictions()
-            with predictions:
-                loss = probe(params, batch)
-            if predictions.found:
-                total = torch.stack([p.sum().to(torch.float64) for p in predictions.found]).sum()
-            elif isinstance(loss, Tensor) and loss.numel() == 1:
-                total = loss.reshape(()).to(torch.float64)
-            else:
-                total = torch.zeros((), dtype=torch.float64)
-            grads: Sequence[Tensor | None] = [None] * len(leaves)
-            if total.requires_grad:
-                grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return Paths(
-        {
-            n: (g if g is not None else torch.zeros_like(leaves[n])).detach()
-            for n, g in zip(leaves, grads, strict=True)
-        },
-        upstream,
-        float(total.detach()),
-    )
-
-
-class _Probe:
-    """:func:`path_gradients` on one batch: on one sample where the loss runs on it, else on all."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
-        self.model, self.loss_fn, self.batch = model, loss_fn, batch
-        self.one_sample = True
-
-    def dense(self, masks: Mapping[str, Tensor]) -> Paths:
-        """The first call: tries one sample, then the whole batch, and keeps what runs."""
-        try:
-            return path_gradients(self.model, masks, self.loss_fn, self.batch, one_sample=True)
-        except Exception:  # the user's loss on a cut batch of ones: anything can happen
-            self.one_sample = False
-            return path_gradients(self.model, masks, self.loss_fn, self.batch, one_sample=False)
-
-    def __call__(self, masks: Mapping[str, Tensor]) -> Paths:
-        return path_gradients(self.model, masks, self.loss_fn, self.batch, one_sample=self.one_sample)
-
-
 class _Repair:
     """The guard's state while it repairs one mask set: the masks, what it added, what it owes."""
 
     def __init__(self, scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], layer_floor: int) -> None:
-        self.masks = {n: m.clone().bool() for n, m in masks.items()}
+        self.masks = {n: m.bool().clone(memory_format=torch.contiguous_format) for n, m in masks.items()}
         self.scores = {n: scores[n].detach().reshape(-1).double() for n in self.masks}
         self.floors = {n: min(layer_floor, m.numel()) for n, m in self.masks.items()}
         self.protected = {
@@ -338,7 +76,7 @@ class _Repair:
         }
         self.kept_total = self.kept()
         self.report = GuardReport()
-        self.probe: _Probe | None = None
+        self.probe: Probe | None = None
         self.reachable: list[str] = []  # tensors on a path in the dense network: kept on one
 
     def kept(self) -> int:
@@ -371,7 +109,7 @@ class _Repair:
     # 2. Connectivity.
     def start_probe(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
         """Run the dense linearized pass; on success, later calls of :meth:`paths` use it."""
-        probe = _Probe(model, loss_fn, batch)
+        probe = Probe(model, loss_fn, batch)
         ones = {n: torch.ones_like(m) for n, m in self.masks.items()}
         try:
             dense = probe.dense(ones)
@@ -393,7 +131,7 @@ class _Repair:
 
     def _repair_choice(self, paths: Paths, dead: list[str]) -> tuple[str, Tensor] | None:
         for name in dead:  # a weight that completes a path through this tensor
-            candidates = (paths.grads[name].view(-1) != 0) & ~self.masks[name].view(-1)
+            candidates = (paths.grads[name].reshape(-1) != 0) & ~self.masks[name].view(-1)
             if candidates.any():
                 return name, candidates
         for name in dead:  # no path yet: extend the signal where it stops, one tensor further
@@ -426,7 +164,7 @@ class _Repair:
         if not pool:
             return debt
         off = torch.cat(
-            [self.masks[n].view(-1) & ~self.protected[n] & (paths.grads[n].view(-1) == 0) for n in pool]
+            [self.masks[n].view(-1) & ~self.protected[n] & (paths.grads[n].reshape(-1) == 0) for n in pool]
         )
         flat = torch.cat([self.scores[n] for n in pool]).masked_fill(~off, math.inf)
         bounds, offset = [], 0

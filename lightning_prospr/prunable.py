@@ -155,7 +155,9 @@ class _Watcher:
         elif packet in _EMBEDDINGS and args and isinstance(args[0], Tensor):
             self.embedded |= self._origin(args[0]) or frozenset()
         inputs = [self._origin(t) for t in _tensors([args, kwargs])]
-        origins = None if any(o is None for o in inputs) else frozenset().union(*inputs)
+        origins: frozenset[str] | None = frozenset()
+        for found in inputs:
+            origins = None if found is None or origins is None else origins | found
         for tensor in _tensors(out):
             self._track(tensor, origins)
 
@@ -218,8 +220,9 @@ def prunable_parameters(model: nn.Module, loss_fn: Any, batch: Any) -> list[str]
         model.train()
         loss = StatelessLoss(model, loss_fn, buffers)
         where = "while finding the weights to prune (batch 0)"
+        watch = _watch(watcher)
         with loss_context(where):
-            with _watch(watcher):
+            with watch:
                 value = loss(params, batch)
             check_loss(value, where, source=loss.source)
     chosen = watcher.multiplied - watcher.embedded

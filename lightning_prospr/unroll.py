@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_prospr.compat import CompatibilityError
 from lightning_prospr.errors import NotTwiceDifferentiableError, UnrollError
 from lightning_prospr.execution import scoring_execution
 
@@ -173,13 +174,16 @@ def is_out_of_memory(err: BaseException) -> bool:
 @contextmanager
 def loss_context(where: str) -> Iterator[None]:
     """Attach ``where`` (once) to an error raised while evaluating a loss; wrap foreign errors in
-    :class:`UnrollError`. Out-of-memory errors pass through for the caller's advice."""
+    :class:`UnrollError`. Out-of-memory errors pass through for the caller's advice, and a
+    :class:`~lightning_prospr.compat.CompatibilityError` as it is (it is not the loss's fault)."""
     try:
         yield
+    except CompatibilityError:
+        raise
     except UnrollError as err:
         if where in str(err):
             raise
-        raise UnrollError(f"{err} [{where}]") from err
+        raise type(err)(f"{err} [{where}]") from err  # the same kind (NotTwiceDifferentiableError)
     except Exception as err:
         if is_out_of_memory(err):
             raise

@@ -330,7 +330,11 @@ def test_empty_train_dataloader():
 @pytest.mark.parametrize(
     ("mode", "error", "match"),
     [
-        ("none", UnrollError, r"training_step returned None on batch 0.*\[while finding the weights to prune"),
+        (
+            "none",
+            UnrollError,
+            r"training_step returned None on batch 0.*\[while finding the weights to prune",
+        ),
         ("vector", UnrollError, r"training_step returned a tensor of shape \(16,\)"),
     ],
 )

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
+import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,3 +99,47 @@ def test_ddp_ranks_agree_and_use_their_own_batches(tmp_path):
     single.load_state_dict(init)
     (alone,) = run(tmp_path / "single", single, devices=1, strategy="auto")
     assert any(not torch.equal(alone[n], rank0[n]) for n in alone)
+
+
+def test_ddp_subprocess_launcher_ranks_agree(tmp_path):
+    """strategy="ddp" starts rank 1 as a new process running the same script (here: a script, as
+    under pytest the launcher would re-run pytest itself)."""
+    script = Path(__file__).with_name("ddp_launch.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], check=True, timeout=300, env=env, cwd=tmp_path
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    # The same masks as the spawn launcher's reference: rank r scores batches r, r + 2, ...
+    torch.manual_seed(0)
+    reference = DDPNet()
+    batches = list(loader())
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    per_rank = [prospr_scores(reference, loss, batches[r::2][:4], steps=3) for r in range(2)]
+    expected = global_masks({n: per_rank[0][n] + per_rank[1][n] for n in per_rank[0]}, 0.8)
+    assert all(torch.equal(rank0[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharding_strategies_are_refused_before_any_work(strategy):
+    import lightning.pytorch.strategies as strategies
+
+    cls = getattr(strategies, strategy)
+    instance = cls.__new__(cls)  # DeepSpeedStrategy's constructor needs deepspeed installed
+    trainer = SimpleNamespace(strategy=instance)
+    callback = ProsprPruningCallback(sparsity=0.5)
+    module = DDPNet()
+    before = {n: p.clone() for n, p in module.named_parameters()}
+    with pytest.raises(MisconfigurationException, match=rf"does not support {strategy}.*DDP"):
+        callback.setup(trainer, module, "fit")
+    assert callback.masks is None
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+    callback.setup(trainer, module, "validate")  # only fitting prunes
