@@ -1,7 +1,7 @@
 """Pruning-at-initialization baselines with the same calling convention as :func:`prospr_scores`.
 
 Every scorer returns ``{name: score}`` for the weights named by ``parameters`` (by default the
-``weight`` of every Linear and Conv1d/2d/3d), with **higher = more important**, so that
+weight matrices of :mod:`~lightning_prospr.prunable`), with **higher = more important**, so that
 :func:`~lightning_prospr.selection.global_masks` (which keeps the global top-k) selects the weights
 each method keeps. With :math:`\\theta` the weights at initialization and :math:`L` the loss:
 
@@ -145,7 +145,8 @@ def snip_scores(
         model: any ``nn.Module``; left exactly as it was.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, as for :func:`prospr_scores`.
         batches: an iterable of batches on the model's device; only the first is used.
-        parameters: names of the weights to score; ``None`` scores every Linear/Conv weight.
+        parameters: names of the weights to score; ``None``: the default set
+            (:mod:`~lightning_prospr.prunable`).
 
     Returns:
         ``{name: score >= 0}`` with each weight's shape and device, float32 for half-precision
@@ -244,7 +245,8 @@ def grasp_scores(
             first and second pass see the same random draws (dropout).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         batches: an iterable of batches on the model's device.
-        parameters: names of the weights to score; ``None`` scores every Linear/Conv weight.
+        parameters: names of the weights to score; ``None``: the default set
+            (:mod:`~lightning_prospr.prunable`).
         temperature: :math:`T > 0`; the paper and Synaptic-Flow use 200.
         num_batches: the loss is the sum over the first ``num_batches`` batches (fewer if the
             iterable runs out), as in Synaptic-Flow's loop over its pruning loader.
@@ -458,7 +460,8 @@ def synflow_scores(
 
     Args:
         model: any ``nn.Module``; left exactly as it was.
-        parameters: names of the weights to score; ``None`` scores every Linear/Conv weight.
+        parameters: names of the weights to score; ``None``: the default set
+            (:mod:`~lightning_prospr.prunable`).
         input_shape: the shape of one input *without* the batch dimension, e.g. ``(3, 32, 32)``.
         example_input: alternatively a batch whose ``shape[1:]`` gives the input shape (its values
             are not used; an integer tensor gives an all-ones integer input).

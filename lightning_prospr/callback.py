@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prospr.compat import before_batch_transfer, check_lightning, train_data_source
+from lightning_prospr.errors import UnrollError
 from lightning_prospr.masking import (
     apply_masks,
     current_masks,
@@ -38,7 +39,6 @@ from lightning_prospr.report import SparsityReport, density_figure
 from lightning_prospr.rng import isolated_rng
 from lightning_prospr.scores import _check_hyperparameters
 from lightning_prospr.selection import check_sparsity
-from lightning_prospr.unroll import UnrollError
 
 __all__ = ["ProsprPruningCallback"]
 
@@ -86,7 +86,9 @@ class ProsprPruningCallback(Callback):
             step at a time instead of holding all ``M`` (about one extra forward and backward pass
             per step).
         parameters: names (as in ``pl_module.named_parameters()``) of the weights to prune;
-            ``None`` prunes the ``weight`` of every Linear and Conv1d/2d/3d.
+            ``None`` prunes every weight matrix that multiplies activations in a watched pass of
+            the loss (:mod:`~lightning_prospr.prunable`: Linear, Conv and ConvTranspose weights,
+            Hugging Face ``Conv1D``, attention and RNN matrices; not embeddings, biases or norms).
         reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
             per step (``steps + 1`` batches).
         method: ``"prospr"`` (default), or a baseline: ``"snip"``, ``"grasp"``, ``"synflow"``,

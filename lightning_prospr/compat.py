@@ -50,7 +50,7 @@ def _versions() -> str:
     return " and ".join(found)
 
 
-def _missing(where: str, purpose: str) -> CompatibilityError:
+def _missing(*, where: str, purpose: str) -> CompatibilityError:
     return CompatibilityError(
         f"lightning-prospr needs `{where}` ({purpose}), which the installed {_versions()} do not "
         f"have. It was checked with {CHECKED_WITH}: install those versions, or upgrade "
@@ -89,13 +89,13 @@ class Private:
         for name in self.names:
             if hasattr(module, name):
                 return module, name
-        raise _missing(f"{self.owner}.{self.names[0]}", self.purpose)
+        raise _missing(where=f"{self.owner}.{self.names[0]}", purpose=self.purpose)
 
     def get(self) -> Any:
         """The object itself (see :meth:`resolve`)."""
         found = self.resolve()
         if found is None:
-            raise _missing(f"{self.owner}.{self.names[0]}", self.purpose)
+            raise _missing(where=f"{self.owner}.{self.names[0]}", purpose=self.purpose)
         return getattr(*found)
 
 
@@ -143,14 +143,14 @@ def check_lightning() -> None:
     """Raise :class:`CompatibilityError` unless every private Lightning class attribute is there."""
     module = _BATCH_HOOK.get()
     if not callable(getattr(module, "_on_before_batch_transfer", None)):
-        raise _missing("LightningModule._on_before_batch_transfer", _BATCH_HOOK.purpose)
+        raise _missing(where="LightningModule._on_before_batch_transfer", purpose=_BATCH_HOOK.purpose)
 
 
 def _attribute(obj: Any, name: str, where: str, purpose: str) -> Any:
     try:
         return getattr(obj, name)
     except AttributeError:
-        raise _missing(where, purpose) from None
+        raise _missing(where=where, purpose=purpose) from None
 
 
 def forward_pre_hooks(module: Any) -> dict[int, Any]:
@@ -160,7 +160,7 @@ def forward_pre_hooks(module: Any) -> dict[int, Any]:
         module, "_forward_pre_hooks", "torch.nn.Module._forward_pre_hooks", "to find pruning hooks"
     )
     if not isinstance(hooks, dict):
-        raise _missing("torch.nn.Module._forward_pre_hooks (a dict)", "to find pruning hooks")
+        raise _missing(where="torch.nn.Module._forward_pre_hooks (a dict)", purpose="to find pruning hooks")
     return hooks
 
 

@@ -11,8 +11,8 @@ tests, benchmarks and examples can use the same shapes as the paper:
 - :class:`TinyTransformerEncoder`: ``(N, L)`` token ids, 532,994 parameters with the defaults.
 
 (counts for 10 classes, 2 for the Transformer). :func:`lightning_prospr.prospr_scores` scores the
-weight of every Linear and Conv layer by default; biases, BatchNorm and LayerNorm parameters and
-embeddings are updated in the inner loop but not pruned.
+weight matrices (Linear and Conv weights, attention projections) by default; biases, BatchNorm
+and LayerNorm parameters and embeddings are updated in the inner loop but not pruned.
 """
 
 from __future__ import annotations

@@ -43,9 +43,7 @@ from lightning_prospr.unroll import (
     sgd_unroll,
 )
 
-__all__ = ["default_parameter_names", "prospr_scores", "take_batches"]
-
-# ``default_parameter_names`` moved to :mod:`lightning_prospr.prunable`; re-exported here.
+__all__ = ["prospr_scores", "resolve_parameters", "take_batches"]
 
 
 def take_batches(batches: Iterable[Any], count: int) -> list[Any]:
@@ -176,7 +174,8 @@ def prospr_scores(
         lr, momentum, weight_decay: the inner SGD, as in :class:`torch.optim.SGD`.
         first_order: drop the Hessian terms (cheaper; the paper's approximation for large models).
         parameters: names from ``model.named_parameters()`` of the weights to score; ``None``
-            scores the ``weight`` of every Linear and Conv1d/2d/3d.
+            scores every weight matrix that multiplies activations in a watched pass of ``loss_fn``
+            on the first batch (:func:`~lightning_prospr.prunable.prunable_parameters`).
         structured: one mask per output channel (dim 0) instead of one per weight; the scores then
             have shape ``(out_channels, 1, ..., 1)``.
         masks: fixed keep-masks (bool, the weight's shape or broadcastable to it) that the network

@@ -267,17 +267,17 @@ def test_guard_never_pays_below_the_floor_when_it_cannot_connect(monkeypatch):
     """If the repairs cannot connect the network (simulated: the path check sees no path for any
     masks but the dense ones), paying for the floor's additions still keeps every tensor's floor:
     the off-path weight it would take first is a tensor's last one."""
-    import lightning_prospr.guard as guard_module
+    import lightning_prospr.linearized as linearized
 
-    real = guard_module.path_gradients
+    real = linearized.path_gradients
 
     def blind(model, masks, loss_fn, batch, one_sample=True):
         paths = real(model, masks, loss_fn, batch, one_sample)
         if all(bool(m.all()) for m in masks.values()):
             return paths
-        return guard_module.Paths({n: torch.zeros_like(g) for n, g in paths.grads.items()}, {}, 0.0)
+        return linearized.Paths({n: torch.zeros_like(g) for n, g in paths.grads.items()}, {}, 0.0)
 
-    monkeypatch.setattr(guard_module, "path_gradients", blind)
+    monkeypatch.setattr(linearized, "path_gradients", blind)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     masks = {
         "0.weight": torch.zeros(4, 3, dtype=torch.bool),  # collapsed: the floor adds one weight

@@ -12,11 +12,14 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from third_party import CASES, Wrapped, expected_matrices
+from benchmark_scripts import load_script
 
-from lightning_prospr import ProsprPruningCallback, prospr_scores
+from lightning_prospr import ProsprPruningCallback, default_parameter_names, prospr_scores
 from lightning_prospr.masking import effective_weight
 from lightning_prospr.selection import pruned_count
+
+third_party = load_script("third_party")
+CASES, Wrapped, expected_matrices = third_party.CASES, third_party.Wrapped, third_party.expected_matrices
 
 MODES = {
     "full": {},
@@ -99,6 +102,7 @@ def test_full_mode_matches_finite_differences(case):
     scores = prospr_scores(model, spec.exact_loss, batches, steps=steps, lr=lr)
     names = list(scores)
     assert names == expected_matrices(model)
+    assert default_parameter_names(model) == names  # the module-type rule agrees with the watched pass
     # The three largest scores of the model, and the largest of its first and last matrices.
     flat = torch.cat([scores[n].reshape(-1) for n in names])
     offsets = torch.tensor([0] + [scores[n].numel() for n in names]).cumsum(0)

@@ -2,7 +2,8 @@
 LightningModules that wrap them the way users write them: ``training_step`` calls the model, there
 is no ``forward``.
 
-Shared by tests/test_real_models.py and benchmarks/real_models.py.
+Shared by benchmarks/real_models.py and tests/test_real_models.py (which loads it with
+tests/benchmark_scripts.py).
 """
 
 from __future__ import annotations
