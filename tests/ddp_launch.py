@@ -5,27 +5,11 @@ masks it applied to ``<folder>/rank<r>.pt``."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from test_ddp import DDPNet, SaveMasks
-
-from lightning_prospr import ProsprPruningCallback
+from test_ddp import DDPNet, run
 
 if __name__ == "__main__":
-    folder = sys.argv[1]
     torch.manual_seed(0)
-    model = DDPNet()
-    pruning = ProsprPruningCallback(sparsity=0.8, steps=3, verbose=False)
-    pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_train_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[pruning, SaveMasks(pruning, folder)],
-    ).fit(model)
+    run(Path(sys.argv[1]), DDPNet(), devices=2, strategy="ddp")
