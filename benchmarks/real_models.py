@@ -27,7 +27,7 @@ from third_party import CASES, Wrapped
 from lightning_prospr import ProsprPruningCallback
 from lightning_prospr.prunable import default_parameter_names, prunable_parameters
 
-MODES = {"full": {}, "first-order": {"first_order": True}, "recompute": {"recompute": True}}
+MODES = {"full": {}, "first-order": {"mode": "first_order"}, "recompute": {"mode": "recompute"}}
 
 
 def rule_of_0_1(model: nn.Module) -> list[str]:

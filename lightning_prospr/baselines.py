@@ -1,79 +1,65 @@
-"""Pruning-at-initialization baselines with the same calling convention as :func:`prospr_scores`.
+"""Pruning-at-initialization baselines with the calling convention of `prospr_scores`.
 
-Every scorer returns ``{name: score}`` for the weights named by ``parameters`` (by default the
-weight matrices of :mod:`~lightning_prospr.prunable`), with **higher = more important**, so that
-:func:`~lightning_prospr.selection.global_masks` (which keeps the global top-k) selects the weights
-each method keeps. With :math:`\\theta` the weights at initialization and :math:`L` the loss:
+Every scorer returns `{name: score}` for the weights named by `parameters` (by default the weight
+matrices of [`prunable`][lightning_prospr.prunable]), with **higher = more important**, so that
+[`global_masks`][lightning_prospr.selection.global_masks] (which keeps the global top-k) selects the
+weights each method keeps. With $\\theta$ the weights at initialization and $L$ the loss:
 
-============  =====================================================================================
-method        score (kept where highest)
-============  =====================================================================================
-SNIP          :math:`|\\theta \\odot \\nabla_\\theta L|` on one batch (ProsPr with ``steps=0``)
-GraSP         :math:`\\theta \\odot H g` with :math:`g = \\nabla_\\theta L_T`,
-              :math:`H = \\nabla^2_\\theta L_T`, :math:`L_T` the loss on logits divided by :math:`T`
-              (the negation of the paper's score, which removes the *highest*
-              :math:`-\\theta \\odot H g`)
-SynFlow       :math:`|\\theta \\odot \\partial R / \\partial \\theta|`, data-free, with
-              :math:`R = \\mathbf{1}^\\top f(\\mathbf{1}; |\\theta|)`; also iterative
-              (:func:`iterative_synflow_masks`)
-magnitude     :math:`|\\theta|`
-random        i.i.d. uniform :math:`[0, 1)` from a private generator
-============  =====================================================================================
+- **SNIP**: $\\lvert\\theta \\odot \\nabla_\\theta L\\rvert$ on one batch
+  ([`snip_scores`][lightning_prospr.scores.snip_scores]: ProsPr with no inner step).
+- **GraSP**: $\\theta \\odot H g$ with $g = \\nabla_\\theta L_T$, $H = \\nabla^2_\\theta L_T$, $L_T$
+  the loss on logits divided by $T$ (the negation of the paper's score, which removes the
+  *highest* $-\\theta \\odot H g$).
+- **SynFlow**: $\\lvert\\theta \\odot \\partial R / \\partial \\theta\\rvert$, data-free, with
+  $R = \\mathbf{1}^\\top f(\\mathbf{1}; \\lvert\\theta\\rvert)$; also iterative
+  ([`iterative_synflow_masks`][lightning_prospr.baselines.iterative_synflow_masks]).
+- **magnitude**: $\\lvert\\theta\\rvert$.
+- **random**: i.i.d. uniform $[0, 1)$ from a private generator.
 
-Like :func:`prospr_scores`, every scorer leaves the model exactly as it was (parameters, buffers,
-``requires_grad``, ``.grad``, train/eval flags and the global RNG): tensors are substituted through
-:func:`torch.func.functional_call`, never written into the model. For a weight that already carries
-a :mod:`torch.nn.utils.prune` mask, :math:`\\theta` is its ``weight_orig`` (the mask still applies in
-the forward pass), and the score is keyed by the plain name, as in :func:`prospr_scores`.
+Like `prospr_scores`, every scorer leaves the model exactly as it was (parameters, buffers,
+`requires_grad`, `.grad`, train/eval flags and the global RNG): tensors are substituted through
+`torch.func.functional_call`, never written into the model. For a weight that already carries a
+`torch.nn.utils.prune` mask, $\\theta$ is its `weight_orig` (the mask still applies in the forward
+pass), and the score is keyed by the plain name, as in `prospr_scores`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_prospr.batches import take_batches
 from lightning_prospr.cpu_memory import release_freed_memory
-from lightning_prospr.execution import scoring_execution
-from lightning_prospr.scores import parameter_key, preserved_state, resolve_parameters
-from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
-from lightning_prospr.unroll import (
-    LossFn,
-    StatelessLoss,
+from lightning_prospr.errors import (
     UnrollError,
     check_loss,
     loss_context,
     raise_if_compiled_double_backward,
     raise_if_not_twice_differentiable,
 )
+from lightning_prospr.execution import scoring_execution
+from lightning_prospr.linearized import absolute_tensors
+from lightning_prospr.model_state import preserved_state
+from lightning_prospr.prunable import parameter_key, resolve_parameters
+from lightning_prospr.rng import forked_torch_rng
+from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
+from lightning_prospr.stateless import LossFn, StatelessLoss
 
 __all__ = [
-    "METHODS",
-    "check_method",
     "grasp_scores",
     "iterative_synflow_masks",
     "magnitude_scores",
     "random_scores",
-    "snip_scores",
     "synflow_scores",
 ]
 
-#: The scoring methods this package knows: ProsPr and the baselines of this module.
-METHODS: tuple[str, ...] = ("prospr", "snip", "grasp", "synflow", "magnitude", "random")
-
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def check_method(method: str) -> None:
-    """Raise ``ValueError`` unless ``method`` is one of :data:`METHODS`."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}.")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -94,24 +80,17 @@ def _finish(name: str, raw: Tensor, dtype: torch.dtype, method: str, hint: str) 
 def _evaluate(
     loss: StatelessLoss, params: Mapping[str, Tensor], batch: Any, method: str, index: int
 ) -> Tensor:
-    with loss_context(f"while computing {method} scores (batch {index})"):
-        where = f"while computing {method} scores (batch {index})"
-        return check_loss(loss(params, batch), where, source=loss.source)
-
-
-def _first_batches(batches: Iterable[Any], count: int) -> list[Any]:
-    drawn = list(itertools.islice(iter(batches), count))
-    if not drawn:
-        raise ValueError("`batches` is empty: give at least one batch.")
-    return drawn
+    where = f"while computing {method} scores (batch {index})"
+    with loss_context(where):
+        return check_loss(loss(params, batch), where, source=loss.source, hint=loss.hint)
 
 
 def _scored(
     model: nn.Module, parameters: Sequence[str] | None, loss_fn: Any = None, batch: Any = None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(named_parameters, {name: key})``; ``key`` is ``name + "_orig"`` for a pruned weight. The
-    default set is watched in ``loss_fn(model, batch)`` when a loss is given (see
-    :func:`~lightning_prospr.scores.resolve_parameters`)."""
+    """`(named_parameters, {name: key})`; `key` is `name + "_orig"` for a pruned weight. The
+    default set is watched in `loss_fn(model, batch)` when a loss is given
+    ([`resolve_parameters`][lightning_prospr.prunable.resolve_parameters])."""
     names = resolve_parameters(model, parameters, loss_fn, batch)
     named: dict[str, Tensor] = dict(model.named_parameters())
     return named, {n: parameter_key(named, n) for n in names}
@@ -121,71 +100,12 @@ def _grad_or_zeros(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> li
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
-# ------------------------------------------------------------------------------------------- SNIP
-
-
-def snip_scores(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: Iterable[Any],
-    *,
-    parameters: Sequence[str] | None = None,
-) -> dict[str, Tensor]:
-    """SNIP (Lee et al., ICLR 2019): connection sensitivity on the first batch of ``batches``.
-
-    .. math::
-
-        s = \\left| \\theta \\odot \\nabla_\\theta L(\\theta; b_0) \\right|
-
-    This is exactly :func:`~lightning_prospr.prospr_scores` with ``steps=0``: the model runs in
-    train mode (BatchNorm uses batch statistics, on cloned buffers; dropout is active with the
-    global RNG restored afterwards), and every loss term that is not scored is held constant.
-
-    Args:
-        model: any ``nn.Module``; left exactly as it was.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, as for :func:`prospr_scores`.
-        batches: an iterable of batches on the model's device; only the first is used.
-        parameters: names of the weights to score; ``None``: the default set
-            (:mod:`~lightning_prospr.prunable`).
-
-    Returns:
-        ``{name: score >= 0}`` with each weight's shape and device, float32 for half-precision
-        weights and the weight's dtype otherwise.
-
-    Raises:
-        UnrollError: if the loss fails or is not a finite scalar, or a score is not finite.
-    """
-    batch = _first_batches(batches, 1)[0]
-    named, keys = _scored(model, parameters, loss_fn, batch)
-    weights = {n: named[k] for n, k in keys.items()}
-    with preserved_state(model, next(iter(weights.values())).device), torch.enable_grad():
-        model.train()
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        loss = StatelessLoss(model, loss_fn, buffers)
-        leaves = set(keys.values())
-        params = {n: p.detach().requires_grad_(n in leaves) for n, p in named.items()}
-        value = _evaluate(loss, params, batch, "SNIP", 0)
-        grads = torch.autograd.grad(value, [params[k] for k in keys.values()], allow_unused=True)
-        grads_list = _grad_or_zeros(grads, list(weights.values()))
-        del value, loss, buffers, params
-    return {
-        n: _finish(
-            n,
-            (w.detach() * g).abs(),
-            _score_dtype(w),
-            "SNIP",
-            "check the model and data for NaN/inf.",
-        )
-        for (n, w), g in zip(weights.items(), grads_list, strict=True)
-    }
-
-
 # ------------------------------------------------------------------------------------------ GraSP
 
 
 @contextmanager
 def _divided_output(module: nn.Module, temperature: float, where: str) -> Iterator[list[int]]:
-    """Divide ``module``'s tensor output by ``temperature`` while the context is open.
+    """Divide `module`'s tensor output by `temperature` while the context is open.
 
     Yields a one-element list counting the forward calls that were rescaled.
     """
@@ -208,6 +128,15 @@ def _divided_output(module: nn.Module, temperature: float, where: str) -> Iterat
         handle.remove()
 
 
+def _check_grasp_arguments(temperature: Any, num_batches: Any) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"`temperature` must be a number > 0, got {type(temperature).__name__}.")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}; GraSP uses 200.")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}.")
+
+
 def grasp_scores(
     model: nn.Module,
     loss_fn: LossFn,
@@ -220,49 +149,44 @@ def grasp_scores(
 ) -> dict[str, Tensor]:
     """GraSP (Wang et al., ICLR 2020), as implemented in the Synaptic-Flow code.
 
-    With :math:`L_T` the loss computed on the logits divided by the temperature :math:`T`,
-    :math:`g = \\nabla_\\theta L_T` (a constant: no graph) and
-    :math:`H g = \\nabla_\\theta (g^\\top \\nabla_\\theta L_T)` (double backward), GraSP's score is
-    :math:`S(-\\theta) = -\\theta \\odot H g` and GraSP **removes the weights with the highest**
-    :math:`S`. This function returns the negation
+    With $L_T$ the loss computed on the logits divided by the temperature $T$,
+    $g = \\nabla_\\theta L_T$ (a constant: no graph) and
+    $H g = \\nabla_\\theta (g^\\top \\nabla_\\theta L_T)$ (double backward), GraSP's score is
+    $S(-\\theta) = -\\theta \\odot H g$ and GraSP **removes the weights with the highest** $S$. This
+    function returns the negation
 
-    .. math::
+    $$
+    s = \\theta \\odot H g = -S(-\\theta)
+    $$
 
-        s = \\theta \\odot H g = -S(-\\theta)
+    so that keeping the global top-k of $s$ (what `global_masks` does) removes exactly the weights
+    GraSP removes. The scores are signed. $g$, $H$ and $\\theta$ are over the scored weights only
+    (the other parameters are constants); Synaptic-Flow's division of all scores by $|\\sum s|$ is a
+    positive factor and is left out.
 
-    so that keeping the global top-k of ``s`` (what :func:`global_masks` does) removes exactly the
-    weights GraSP removes. The scores are signed. :math:`g`, :math:`H` and :math:`\\theta` are over
-    the scored weights only (the other parameters are constants); Synaptic-Flow's division of all
-    scores by :math:`|\\sum s|` is a positive factor and is left out.
-
-    The temperature assumes that the output of ``model`` (or of the submodule ``logits_module``) is
-    the logits fed to the loss: a forward hook, present only during the call, divides that tensor
-    output by ``T``. ``temperature=1.0`` registers no hook. If ``loss_fn`` never calls the hooked
-    module, a ``ValueError`` is raised rather than silently scoring without temperature.
+    The temperature assumes that the output of `model` (or of the submodule `logits_module`) is the
+    logits fed to the loss: a forward hook, present only during the call, divides that tensor output
+    by $T$. `temperature=1.0` registers no hook. If `loss_fn` never calls the hooked module, a
+    `ValueError` is raised rather than silently scoring without temperature.
 
     Args:
-        model: any ``nn.Module``; left exactly as it was. It runs in train mode (as for SNIP); the
+        model: any `nn.Module`; left exactly as it was. It runs in train mode (as for SNIP); the
             first and second pass see the same random draws (dropout).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
-        batches: an iterable of batches on the model's device.
-        parameters: names of the weights to score; ``None``: the default set
-            (:mod:`~lightning_prospr.prunable`).
-        temperature: :math:`T > 0`; the paper and Synaptic-Flow use 200.
-        num_batches: the loss is the sum over the first ``num_batches`` batches (fewer if the
-            iterable runs out), as in Synaptic-Flow's loop over its pruning loader.
-        logits_module: name (from ``model.named_modules()``) of the module whose output is the
-            logits; ``None`` or ``""`` is ``model`` itself.
+        loss_fn: `loss_fn(model, batch) -> scalar tensor`.
+        batches: an iterable of batches on the model's device, cycled if it has fewer than
+            `num_batches`.
+        parameters: names of the weights to score; `None` is the default set.
+        temperature: $T > 0$; the paper and Synaptic-Flow use 200.
+        num_batches: the loss is the sum over this many batches, as in Synaptic-Flow's loop over
+            its pruning loader.
+        logits_module: name (from `model.named_modules()`) of the module whose output is the
+            logits; `None` or `""` is `model` itself.
 
     Returns:
-        ``{name: signed score}``; float32 for half-precision weights, the weight's dtype otherwise.
+        `{name: signed score}`; float32 for half-precision weights, the weight's dtype otherwise.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"`temperature` must be a number > 0, got {type(temperature).__name__}.")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}; GraSP uses 200.")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"`num_batches` must be an integer >= 1, got {num_batches!r}.")
-    drawn = _first_batches(batches, num_batches)
+    _check_grasp_arguments(temperature, num_batches)
+    drawn = take_batches(batches, num_batches)
     named, keys = _scored(model, parameters, loss_fn, drawn[0])
     weights = {n: named[k] for n, k in keys.items()}
     modules = dict(model.named_modules())
@@ -271,8 +195,6 @@ def grasp_scores(
         raise ValueError(f"`logits_module` {logits_module!r} is not a submodule of the model.")
     where = f"the module {target_name!r}" if target_name else f"the model ({type(model).__name__})"
     device = next(iter(weights.values())).device
-    cuda_devices = [device] if device.type == "cuda" else []
-
     with preserved_state(model, device), torch.enable_grad():
         model.train()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -281,62 +203,68 @@ def grasp_scores(
         params = {n: p.detach().requires_grad_(n in leaves) for n, p in named.items()}
         scored = [params[k] for k in keys.values()]
         hooked = (
-            _divided_output(modules[target_name], float(temperature), where)
-            if temperature != 1
-            else _no_hook()
+            _divided_output(modules[target_name], float(temperature), where) if temperature != 1 else None
         )
-        with hooked as calls:
-            # First pass: g = sum_b grad L_b, constant. fork_rng makes the second pass replay the
-            # same random draws, so both passes differentiate the same function.
-            with torch.random.fork_rng(devices=cuda_devices):
-                g = [torch.zeros_like(t) for t in scored]
-                for i, batch in enumerate(drawn):
-                    value = _evaluate(loss, params, batch, "GraSP", i)
-                    grads = _grad_or_zeros(torch.autograd.grad(value, scored, allow_unused=True), scored)
-                    g = [a + b.detach() for a, b in zip(g, grads, strict=True)]
-                    del value, grads
+        with hooked if hooked is not None else nullcontext([0]) as calls:
+            g = _summed_gradient(loss, params, scored, drawn, device)
             if temperature != 1 and calls[0] == 0:
                 raise ValueError(
                     f"GraSP's temperature divides the output of {where}, but loss_fn never called it; "
                     "pass `logits_module` naming the submodule that outputs the logits, or "
                     "temperature=1.0 to use none."
                 )
-            # Second pass: Hg = sum_b grad_theta (g . grad L_b).
-            hg = [torch.zeros_like(t) for t in scored]
-            for i, batch in enumerate(drawn):
-                value = _evaluate(loss, params, batch, "GraSP", i)
-                try:
-                    taped = torch.autograd.grad(value, scored, create_graph=True, allow_unused=True)
-                    z = sum(
-                        ((a * b).sum() for a, b in zip(g, taped, strict=True) if b is not None),
-                        start=value.new_zeros(()),
-                    )
-                    if z.requires_grad:
-                        second = _grad_or_zeros(torch.autograd.grad(z, scored, allow_unused=True), scored)
-                        hg = [a + b for a, b in zip(hg, second, strict=True)]
-                except RuntimeError as err:
-                    raise_if_compiled_double_backward(err, "GraSP's Hessian-gradient product")
-                    raise_if_not_twice_differentiable(err, "GraSP's Hessian-gradient product")
-                    raise
-                del value, taped, z
+            hg = _hessian_gradient(loss, params, scored, drawn, g)
         del loss, buffers, params, scored
     if device.type == "cpu":
         release_freed_memory()  # the second-order graphs, which glibc's heap would otherwise keep
+    hint = "check the model and data for NaN/inf, or use a larger `temperature`."
     return {
-        n: _finish(
-            n,
-            w.detach() * h,
-            _score_dtype(w),
-            "GraSP",
-            "check the model and data for NaN/inf, or use a larger `temperature`.",
-        )
+        n: _finish(n, w.detach() * h, _score_dtype(w), "GraSP", hint)
         for (n, w), h in zip(weights.items(), hg, strict=True)
     }
 
 
-@contextmanager
-def _no_hook() -> Iterator[list[int]]:
-    yield [0]
+def _summed_gradient(
+    loss: StatelessLoss,
+    params: dict[str, Tensor],
+    scored: list[Tensor],
+    drawn: list[Any],
+    device: torch.device,
+) -> list[Tensor]:
+    """GraSP's first pass: $g = \\sum_b \\nabla L_b$, a constant. The RNG is forked so that the
+    second pass replays the same random draws: both passes differentiate the same function."""
+    with forked_torch_rng(device):
+        g = [torch.zeros_like(t) for t in scored]
+        for i, batch in enumerate(drawn):
+            value = _evaluate(loss, params, batch, "GraSP", i)
+            grads = _grad_or_zeros(torch.autograd.grad(value, scored, allow_unused=True), scored)
+            g = [a + b.detach() for a, b in zip(g, grads, strict=True)]
+            del value, grads
+    return g
+
+
+def _hessian_gradient(
+    loss: StatelessLoss, params: dict[str, Tensor], scored: list[Tensor], drawn: list[Any], g: list[Tensor]
+) -> list[Tensor]:
+    """GraSP's second pass: $H g = \\sum_b \\nabla_\\theta (g \\cdot \\nabla L_b)$."""
+    hg = [torch.zeros_like(t) for t in scored]
+    for i, batch in enumerate(drawn):
+        value = _evaluate(loss, params, batch, "GraSP", i)
+        try:
+            taped = torch.autograd.grad(value, scored, create_graph=True, allow_unused=True)
+            z = sum(
+                ((a * b).sum() for a, b in zip(g, taped, strict=True) if b is not None),
+                start=value.new_zeros(()),
+            )
+            if z.requires_grad:
+                second = _grad_or_zeros(torch.autograd.grad(z, scored, allow_unused=True), scored)
+                hg = [a + b for a, b in zip(hg, second, strict=True)]
+        except RuntimeError as err:
+            raise_if_compiled_double_backward(err, "GraSP's Hessian-gradient product")
+            raise_if_not_twice_differentiable(err, "GraSP's Hessian-gradient product")
+            raise
+        del value, taped, z
+    return hg
 
 
 # ---------------------------------------------------------------------------------------- SynFlow
@@ -366,7 +294,7 @@ def _ones_input(
 
 
 def _output_sum(output: Any) -> Tensor:
-    """``R``: the sum of every floating-point tensor in the model's output (tensor, tuple, dict)."""
+    """`R`: the sum of every floating-point tensor in the model's output (tensor, tuple, dict)."""
     if isinstance(output, Tensor):
         return output.sum()
     if isinstance(output, Mapping):
@@ -400,17 +328,11 @@ class _SynFlow:
         self.dtype = dtype
         device = named[next(iter(keys.values()))].device
         self.input = _ones_input(input_shape, example_input, device, dtype)
-        # Synaptic-Flow's linearize(): abs of every state_dict entry (parameters and buffers).
-        scored = set(keys.values())
-        self.fixed: dict[str, Tensor] = {
-            n: p.detach().abs().to(dtype) for n, p in named.items() if n not in scored
-        }
-        for n, b in model.named_buffers():
-            self.fixed[n] = b.detach().abs().to(dtype) if b.is_floating_point() else b.clone()
+        self.fixed = absolute_tensors(model, set(keys.values()), dtype)
         self.absolute = {n: named[k].detach().abs().to(dtype) for n, k in keys.items()}
 
     def scores(self, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``{name: |q * dR/dq|}`` in ``self.dtype`` with ``q = |theta| * mask``."""
+        """`{name: |q * dR/dq|}` in `self.dtype` with `q = |theta| * mask`."""
         leaves = {
             n: (a if masks is None else a * masks[n].to(a.dtype)).detach().requires_grad_(True)
             for n, a in self.absolute.items()
@@ -422,17 +344,12 @@ class _SynFlow:
         if not total.requires_grad:
             raise UnrollError("SynFlow: the model's output does not depend on the scored weights.")
         grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-        out = {}
-        for n, g in zip(leaves, grads, strict=True):
-            q = leaves[n].detach()
-            out[n] = _finish(
-                n,
-                (q * g).abs() if g is not None else torch.zeros_like(q),
-                self.dtype,
-                "SynFlow",
-                "R overflows: compute in float64 (the default `dtype`), or check the weights for NaN/inf.",
-            )
-        return out
+        hint = "R overflows: compute in float64 (the default `dtype`), or check the weights for NaN/inf."
+        return {
+            n: _finish(n, (leaves[n].detach() * g).abs() if g is not None else torch.zeros_like(leaves[n]),
+                       self.dtype, "SynFlow", hint)
+            for n, g in zip(leaves, grads, strict=True)
+        }  # fmt: skip
 
 
 def synflow_scores(
@@ -443,34 +360,34 @@ def synflow_scores(
     example_input: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, Tensor]:
-    """SynFlow (Tanaka et al., NeurIPS 2020), one shot and data-free: synaptic saliency of ``R``.
+    """SynFlow (Tanaka et al., NeurIPS 2020), one shot and data-free: synaptic saliency of $R$.
 
-    Every parameter (and, as in the reference code's ``linearize``, every floating-point buffer)
-    is replaced by its absolute value, the network is fed an all-ones input with batch size 1,
-    and
+    Every parameter (and, as in the reference code's `linearize`, every floating-point buffer) is
+    replaced by its absolute value, the network is fed an all-ones input with batch size 1, and
 
-    .. math::
-
-        R = \\mathbf{1}^\\top f(\\mathbf{1}; |\\theta|), \\qquad
-        s = \\left| \\theta \\odot \\frac{\\partial R}{\\partial |\\theta|} \\right|
+    $$
+    R = \\mathbf{1}^\\top f(\\mathbf{1}; |\\theta|), \\qquad
+    s = \\left| \\theta \\odot \\frac{\\partial R}{\\partial |\\theta|} \\right|
+    $$
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off). The
-    substituted tensors are cast to ``dtype``; float64, the default, keeps ``R`` (a product of
-    weight norms over the depth) from overflowing. The model itself is not modified.
+    substituted tensors are cast to `dtype`; float64, the default, keeps $R$ (a product of weight
+    norms over the depth) from overflowing. The model itself is not modified. SynFlow is the one
+    method that calls the model's `forward` (on that input).
 
     Args:
-        model: any ``nn.Module``; left exactly as it was.
-        parameters: names of the weights to score; ``None``: the default set
-            (:mod:`~lightning_prospr.prunable`).
-        input_shape: the shape of one input *without* the batch dimension, e.g. ``(3, 32, 32)``.
-        example_input: alternatively a batch whose ``shape[1:]`` gives the input shape (its values
+        model: any `nn.Module`; left exactly as it was.
+        parameters: names of the weights to score; `None` is the default set by module type
+            ([`default_parameter_names`][lightning_prospr.prunable.default_parameter_names]).
+        input_shape: the shape of one input *without* the batch dimension, e.g. `(3, 32, 32)`.
+        example_input: alternatively a batch whose `shape[1:]` gives the input shape (its values
             are not used; an integer tensor gives an all-ones integer input).
         dtype: the floating-point type of the computation.
 
     Returns:
-        ``{name: score >= 0}`` on each weight's device, **in** ``dtype`` (float64 by default) and
-        not in the weight's dtype: SynFlow scores of deep networks routinely exceed the float32
-        range. ``global_masks`` accepts them as they are.
+        `{name: score >= 0}` on each weight's device, **in** `dtype` (float64 by default) and not in
+        the weight's dtype: SynFlow scores of deep networks routinely exceed the float32 range.
+        `global_masks` accepts them as they are.
     """
     named, keys = _scored(model, parameters)
     with preserved_state(model, named[next(iter(keys.values()))].device), torch.enable_grad():
@@ -488,23 +405,26 @@ def iterative_synflow_masks(
     example_input: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, Tensor]:
-    """Iterative SynFlow: ``rounds`` rounds of scoring and pruning on an exponential schedule.
+    """Iterative SynFlow: `rounds` rounds of scoring and pruning on an exponential schedule.
 
-    Round :math:`r = 1..R` keeps the fraction :math:`d_r = (1 - \\text{sparsity})^{r/R}` of the
-    scored weights: it rescores with :func:`synflow_scores`'s formula, the current masks applied
-    multiplicatively to :math:`|\\theta|` (masked weights are 0), gives the already pruned weights
-    the score :math:`-\\infty` so the masks nest (a weight once pruned stays pruned), and selects
-    with :func:`global_masks` at sparsity :math:`1 - d_r`. The last round uses ``sparsity`` itself,
-    so exactly ``round(sparsity * N)`` weights are removed.
+    Round $r = 1..R$ keeps the fraction $d_r = (1 - \\text{sparsity})^{r/R}$ of the scored weights:
+    it rescores with `synflow_scores`'s formula, the current masks applied multiplicatively to
+    $|\\theta|$ (masked weights are 0), gives the already pruned weights the score $-\\infty$ so the
+    masks nest (a weight once pruned stays pruned), and selects with `global_masks` at sparsity
+    $1 - d_r$. The last round uses `sparsity` itself, so exactly `round(sparsity * N)` weights are
+    removed.
 
     Args:
-        model: any ``nn.Module``; left exactly as it was.
+        model: any `nn.Module`; left exactly as it was.
         sparsity: fraction of the scored weights to remove, in [0, 1).
-        rounds: number of rounds :math:`R \\ge 1` (100 in the SynFlow paper); 1 is one-shot.
-        parameters, input_shape, example_input, dtype: as for :func:`synflow_scores`.
+        rounds: number of rounds $R \\ge 1$ (100 in the SynFlow paper); 1 is one-shot.
+        parameters: as for `synflow_scores`.
+        input_shape: as for `synflow_scores`.
+        example_input: as for `synflow_scores`.
+        dtype: as for `synflow_scores`.
 
     Returns:
-        ``{name: bool tensor}``, ``True`` where the weight is kept, on each weight's device.
+        `{name: bool tensor}`, `True` where the weight is kept, on each weight's device.
     """
     check_sparsity(sparsity)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -534,36 +454,30 @@ def iterative_synflow_masks(
 
 
 def magnitude_scores(model: nn.Module, *, parameters: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Magnitude pruning at initialization: :math:`s = |\\theta|`.
+    """Magnitude pruning at initialization: $s = |\\theta|$.
 
     Returns:
-        ``{name: |weight|}``, a copy; float32 for half-precision weights, the weight's dtype
-        otherwise.
+        `{name: |weight|}`, a copy; float32 for half-precision weights, the weight's dtype otherwise.
     """
     named, keys = _scored(model, parameters)
     return {
-        n: _finish(
-            n,
-            named[k].detach().abs().to(_score_dtype(named[k])),
-            _score_dtype(named[k]),
-            "magnitude",
-            "the weight itself holds NaN/inf.",
-        )
+        n: _finish(n, named[k].detach().abs().to(_score_dtype(named[k])), _score_dtype(named[k]),
+                   "magnitude", "the weight itself holds NaN/inf.")
         for n, k in keys.items()
-    }
+    }  # fmt: skip
 
 
 def random_scores(
     model: nn.Module, *, parameters: Sequence[str] | None = None, seed: int = 0
 ) -> dict[str, Tensor]:
-    """Random pruning: i.i.d. :math:`s \\sim U[0, 1)`, so the global top-k is a uniform random subset.
+    """Random pruning: i.i.d. $s \\sim U[0, 1)$, so the global top-k is a uniform random subset.
 
-    The numbers come from a private :class:`torch.Generator` seeded with ``seed`` (one per device,
-    drawn in the order of ``parameters``): the global RNG is neither read nor advanced, and the
-    same seed gives the same scores on the same device.
+    The numbers come from a private `torch.Generator` seeded with `seed` (one per device, drawn in
+    the order of `parameters`): the global RNG is neither read nor advanced, and the same seed gives
+    the same scores on the same device.
 
     Returns:
-        ``{name: score}`` on each weight's device; float32 for half-precision weights, the weight's
+        `{name: score}` on each weight's device; float32 for half-precision weights, the weight's
         dtype otherwise.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):

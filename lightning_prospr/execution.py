@@ -99,7 +99,7 @@ def without_activation_checkpointing() -> Iterator[None]:
     :func:`~torch.utils.checkpoint.checkpoint_sequential`, and the composable ``checkpoint`` of
     ``torch.distributed``) call the segment directly and keep its activations, as without
     checkpointing: the scoring forward needs the memory of an uncheckpointed model
-    (``recompute=True`` or ``first_order=True`` bound it). Training is not affected.
+    (`mode="recompute"` or `mode="first_order"` bound it). Training is not affected.
 
     Raises:
         CompatibilityError: a checkpoint internal is no longer where torch 2.14 had it.
@@ -204,7 +204,7 @@ class _TwiceDifferentiableOps(TorchFunctionMode):
             raise NotTwiceDifferentiableError(
                 f"{name} has no double backward in PyTorch {torch.__version__}, so full and recompute "
                 f"mode cannot differentiate through it (called in {_calling_layer(self._model)}). Use "
-                "first_order=True (the first-order meta-gradient needs one backward pass), or replace "
+                "mode='first_order' (the first-order meta-gradient needs one backward pass), or replace "
                 f"{name} while scoring (a prospr_loss of your own)."
             )
         if func in CUDNN_WITHOUT_DOUBLE_BACKWARD and _on_cuda(args):

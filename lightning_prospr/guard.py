@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prospr.linearized import Paths, Probe, path_gradients
-from lightning_prospr.unroll import LossFn
+from lightning_prospr.stateless import LossFn
 
 __all__ = ["GuardReport", "Paths", "guard_masks", "path_gradients"]
 

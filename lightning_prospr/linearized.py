@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prospr.scores import parameter_key, preserved_state
-from lightning_prospr.unroll import LossFn, StatelessLoss
+from lightning_prospr.model_state import preserved_state
+from lightning_prospr.prunable import parameter_key
+from lightning_prospr.stateless import LossFn, StatelessLoss
 
 __all__ = ["Paths", "path_gradients"]
 
@@ -63,8 +64,20 @@ def _positive(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def absolute_tensors(model: nn.Module, scored: set[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """SynFlow's linearized network (the reference code's `linearize`): every parameter not in
+    `scored` and every floating-point buffer by its absolute value, cast to `dtype`."""
+    fixed = {n: p.detach().abs().to(dtype) for n, p in model.named_parameters() if n not in scored}
+    for n, b in model.named_buffers():
+        fixed[n] = b.detach().abs().to(dtype) if b.is_floating_point() else b.clone()
+    return fixed
+
+
+@torch.no_grad()
 def linearized_tensors(model: nn.Module, scored: set[str]) -> dict[str, Tensor]:
-    """Every parameter not in ``scored`` and every buffer, as the linearized network has them."""
+    """Every parameter not in `scored` and every buffer, as the guard's linearized network has them
+    (the table above; SynFlow's own variant is
+    [`absolute_tensors`][lightning_prospr.linearized.absolute_tensors])."""
     fixed: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
         if name not in scored:
@@ -413,6 +426,8 @@ def path_gradients(
             ops = _LinearizedOps()
             with ops:
                 loss = probe(params, batch)
+            if isinstance(loss, Mapping):  # Lightning's {"loss": ...}
+                loss = loss.get("loss")
             if ops.found:
                 total = torch.stack([p.sum().to(torch.float64) for p in ops.found]).sum()
             elif isinstance(loss, Tensor) and loss.numel() == 1:

@@ -39,8 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prospr.compat import DISPATCH_MODE
+from lightning_prospr.errors import check_loss, loss_context
+from lightning_prospr.model_state import preserved_state
+from lightning_prospr.stateless import LossFn, StatelessLoss
 
-__all__ = ["default_parameter_names", "prunable_parameters"]
+__all__ = ["default_parameter_names", "parameter_key", "prunable_parameters", "resolve_parameters"]
 
 _aten = torch.ops.aten
 
@@ -183,7 +186,7 @@ def _plain_name(key: str) -> str:
     return key.removesuffix("_orig")
 
 
-def prunable_parameters(model: nn.Module, loss_fn: Any, batch: Any) -> list[str]:
+def prunable_parameters(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[str]:
     """The default set of weights to prune, found by watching ``loss_fn(model, batch)`` once.
 
     Args:
@@ -207,9 +210,6 @@ def prunable_parameters(model: nn.Module, loss_fn: Any, batch: Any) -> list[str]
         >>> prunable_parameters(net, loss_fn, (torch.randint(0, 10, (2, 5)), torch.tensor([0, 2])))
         ['2.weight']
     """
-    from lightning_prospr.scores import preserved_state
-    from lightning_prospr.unroll import StatelessLoss, check_loss, loss_context
-
     named = dict(model.named_parameters())
     if not named:
         return []
@@ -224,7 +224,7 @@ def prunable_parameters(model: nn.Module, loss_fn: Any, batch: Any) -> list[str]
         with loss_context(where):
             with watch:
                 value = loss(params, batch)
-            check_loss(value, where, source=loss.source)
+            check_loss(value, where, source=loss.source, hint=loss.hint)
     chosen = watcher.multiplied - watcher.embedded
     return [_plain_name(n) for n, p in named.items() if n in chosen and p.requires_grad and p.dim() >= 2]
 
@@ -284,3 +284,54 @@ def default_parameter_names(model: nn.Module) -> list[str]:
             if isinstance(param, nn.Parameter) and param.requires_grad and id(param) not in embedded:
                 names.add(canonical[id(param)])
     return [_plain_name(n) for n in canonical.values() if n in names]
+
+
+# ------------------------------------------------------------------------------ names as given
+
+
+def resolve_parameters(
+    model: nn.Module,
+    parameters: Sequence[str] | None,
+    loss_fn: LossFn | None = None,
+    batch: Any = None,
+) -> list[str]:
+    """Check `parameters` against the model (or pick the default set) and return the names.
+
+    The default set (`parameters=None`) is
+    [`prunable_parameters`][lightning_prospr.prunable.prunable_parameters] when a loss and a batch
+    are given (one watched loss pass), else the same rule by module type
+    ([`default_parameter_names`][lightning_prospr.prunable.default_parameter_names]). A name may be
+    given plainly (`"fc.weight"`) for a weight that carries a `torch.nn.utils.prune`
+    re-parametrization (`fc.weight_orig` and `fc.weight_mask`).
+    """
+    if parameters is None:
+        names = (
+            prunable_parameters(model, loss_fn, batch)
+            if loss_fn is not None
+            else default_parameter_names(model)
+        )
+        if not names:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable weight matrix to prune (no parameter of two or "
+                "more dimensions is multiplied with activations in the loss): pass `parameters` with the "
+                "names (from model.named_parameters()) of the weights to score."
+            )
+        return names
+    if isinstance(parameters, str):
+        raise TypeError(f"`parameters` must be a list of names, not a string: use [{parameters!r}].")
+    names = [_plain_name(n) for n in dict.fromkeys(parameters)]
+    if not names:
+        raise ValueError("`parameters` is empty: pass None for the default set, or some names.")
+    named = dict(model.named_parameters())
+    unknown = [n for n in names if n not in named and f"{n}_orig" not in named]
+    if unknown:
+        raise ValueError(
+            f"`parameters` names {unknown}, which are not parameters of {type(model).__name__}. "
+            f"Known names include {list(named)[:8]}."
+        )
+    return names
+
+
+def parameter_key(named: Mapping[str, Tensor], name: str) -> str:
+    """The key of weight `name` in `named_parameters()`: `name` or, when pruned, `name + "_orig"`."""
+    return name if name in named else f"{name}_orig"

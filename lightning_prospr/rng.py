@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["isolated_rng"]
+__all__ = ["TorchRngState", "forked_torch_rng", "isolated_rng"]
 
 
 def _numpy_random() -> Any:
@@ -43,3 +43,30 @@ def isolated_rng() -> Iterator[None]:
         torch.set_rng_state(torch_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _cuda_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+class TorchRngState:
+    """torch's global RNG state on the CPU and, for a CUDA ``device``, on that device: taken at
+    construction, put back by :meth:`restore` (as often as needed, to replay the same draws)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@contextmanager
+def forked_torch_rng(device: torch.device) -> Iterator[None]:
+    """torch's RNG (CPU, and ``device`` if it is a CUDA device) restored on exit, also on an error;
+    :func:`torch.random.fork_rng` for the devices a scorer uses."""
+    with torch.random.fork_rng(devices=_cuda_devices(device)):
+        yield

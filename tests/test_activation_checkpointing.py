@@ -77,7 +77,7 @@ def assert_same(scores: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 @pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize(
-    "options", [{}, {"recompute": True}, {"first_order": True}], ids=["full", "recompute", "first-order"]
+    "options", [{}, {"mode": "recompute"}, {"mode": "first_order"}], ids=["full", "recompute", "first-order"]
 )
 def test_prospr_scores_ignore_activation_checkpointing(how: str, options: dict[str, bool]) -> None:
     expected = prospr_scores(net(None), ce_loss, [BATCH], steps=2, **options)

@@ -44,8 +44,10 @@ BATCH = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"steps": -1}, "`steps` must be an integer >= 0"),
-        ({"steps": 1.5}, "`steps` must be an integer >= 0"),
+        ({"steps": -1}, "`steps` must be an integer >= 1"),
+        ({"steps": 1.5}, "`steps` must be an integer >= 1"),
+        ({"steps": 0}, "M = 0 is SNIP: use method='snip'"),
+        ({"mode": "exact"}, "`mode` must be one of 'full', 'first_order', 'recompute'"),
         ({"lr": 0.0}, "`lr` must be a finite number > 0"),
         ({"lr": float("nan")}, "`lr` must be a finite number > 0"),
         ({"momentum": 1.0}, "`momentum` must be in"),
@@ -121,7 +123,7 @@ def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
     model = mlp()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(
-        torch.OutOfMemoryError, match=r"recompute=True.*first_order=True.*fewer `steps`.*smaller"
+        torch.OutOfMemoryError, match=r"mode='recompute'.*mode='first_order'.*fewer `steps`.*smaller"
     ) as info:
         prospr_scores(model, _failing_at_third_call(_cuda_out_of_memory), [BATCH], steps=3)
     assert "Tried to allocate 20.00 GiB" in str(info.value)
@@ -132,7 +134,7 @@ def test_out_of_memory_is_reraised_with_advice_and_the_model_is_intact():
 def test_cpu_allocation_failure_in_the_loss_gets_the_out_of_memory_advice():
     model = mlp()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(torch.OutOfMemoryError, match=r"recompute=True.*LD_PRELOAD=libtcmalloc") as info:
+    with pytest.raises(torch.OutOfMemoryError, match=r"mode='recompute'.*LD_PRELOAD=libtcmalloc") as info:
         prospr_scores(model, _failing_at_third_call(_impossible_allocation), [BATCH], steps=3)
     assert "DefaultCPUAllocator: can't allocate memory" in str(info.value)  # the original error
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -153,8 +155,8 @@ class _FailingBackward(torch.autograd.Function):
         raise ctx.error()
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_allocation_failure_in_a_backward_pass_gets_the_out_of_memory_advice(recompute):
+@pytest.mark.parametrize("mode", ["full", "recompute"])
+def test_allocation_failure_in_a_backward_pass_gets_the_out_of_memory_advice(mode):
     """Outside the loss (autograd's backward pass), on CPU: the same advice, the model intact."""
     model = mlp()
     before = copy.deepcopy(model.state_dict())
@@ -163,7 +165,7 @@ def test_allocation_failure_in_a_backward_pass_gets_the_out_of_memory_advice(rec
         return F.cross_entropy(_FailingBackward.apply(m(batch[0]), None), batch[1])
 
     with pytest.raises(torch.OutOfMemoryError, match=r"Out of memory while scoring 2 tensors with M=3"):
-        prospr_scores(model, loss_fn, [BATCH], steps=3, recompute=recompute)
+        prospr_scores(model, loss_fn, [BATCH], steps=3, mode=mode)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -333,7 +335,7 @@ def test_empty_train_dataloader():
         (
             "none",
             UnrollError,
-            r"training_step returned None on batch 0.*\[while finding the weights to prune",
+            r"training_step returned None while finding the weights to prune \(batch 0\).*prospr_loss",
         ),
         ("vector", UnrollError, r"training_step returned a tensor of shape \(16,\)"),
     ],

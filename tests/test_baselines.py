@@ -18,19 +18,16 @@ from torch import nn
 from torch.nn.utils import prune
 
 import lightning_prospr.baselines as baselines
-from lightning_prospr import global_masks, prospr_scores
+from lightning_prospr import METHODS, PruningSettings, global_masks, prospr_scores, snip_scores
 from lightning_prospr.baselines import (
-    METHODS,
-    check_method,
     grasp_scores,
     iterative_synflow_masks,
     magnitude_scores,
     random_scores,
-    snip_scores,
     synflow_scores,
 )
+from lightning_prospr.errors import UnrollError
 from lightning_prospr.selection import pruned_count
-from lightning_prospr.unroll import UnrollError
 
 F = nn.functional
 
@@ -60,17 +57,9 @@ def max_relative_error(a, b):
 # ------------------------------------------------------------------------------------------- SNIP
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_snip_equals_prospr_with_zero_steps(first_order):
-    torch.manual_seed(0)
-    model = mlp_with_bn_and_dropout()
-    batches = [make_batch(seed=1), make_batch(seed=2)]
-    torch.manual_seed(5)
-    snip = snip_scores(model, ce_loss, batches)
-    torch.manual_seed(5)
-    prospr = prospr_scores(model, ce_loss, batches, steps=0, first_order=first_order)
-    assert list(snip) == list(prospr) == ["0.weight", "4.weight"]
-    assert max_relative_error(snip, prospr) < 1e-14
+def test_prospr_needs_a_step_and_says_snip_is_the_method_for_none():
+    with pytest.raises(ValueError, match="M = 0 is SNIP: use method='snip'"):
+        prospr_scores(mlp_with_bn_and_dropout(), ce_loss, [make_batch(seed=1)], steps=0)
 
 
 def test_snip_matches_plain_backward_on_the_first_batch():
@@ -433,11 +422,10 @@ def test_half_precision_weights_give_float32_scores():
     assert torch.equal(magnitude_scores(model)["0.weight"], model[0].weight.detach().float().abs())
 
 
-def test_check_method():
-    for method in METHODS:
-        check_method(method)
+def test_unknown_method_names_the_registry():
+    assert list(METHODS) == ["prospr", "snip", "grasp", "synflow", "magnitude", "random"]
     with pytest.raises(ValueError, match=r"'snipp'.*prospr, snip, grasp, synflow, magnitude, random"):
-        check_method("snipp")
+        PruningSettings(0.5, method="snipp")
 
 
 # ------------------------------------------------------------------------------ model untouched

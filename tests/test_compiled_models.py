@@ -1,7 +1,7 @@
 """Models under ``torch.compile``: scoring runs them eagerly, training afterwards runs compiled.
 
 AOTAutograd (behind every ``torch.compile`` backend but ``"eager"``) refuses to differentiate a
-compiled backward pass, which ProsPr's full mode, ``recompute=True`` and GraSP all do. The tests use
+compiled backward pass, which ProsPr's full mode, ``mode="recompute"`` and GraSP all do. The tests use
 the ``aot_eager`` backend: the same AOTAutograd graph capture as ``inductor`` (and the same refusal),
 without compiling C++ kernels.
 """
@@ -21,8 +21,8 @@ from torch._dynamo.utils import counters
 
 from lightning_prospr import ProsprPruningCallback, prospr_scores
 from lightning_prospr.baselines import grasp_scores
+from lightning_prospr.errors import UnrollError
 from lightning_prospr.masking import effective_weight
-from lightning_prospr.unroll import UnrollError
 
 F = nn.functional
 
@@ -53,7 +53,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"recompute": True}, {"first_order": True}], ids=["full", "recompute", "first-order"]
+    "options", [{}, {"mode": "recompute"}, {"mode": "first_order"}], ids=["full", "recompute", "first-order"]
 )
 def test_scores_of_a_compiled_model_are_those_of_the_model(options: dict[str, bool]) -> None:
     net = convnet()

@@ -46,7 +46,7 @@ def relative_error(scores, reference):
     return max(float((scores[n].double().cpu() - reference[n]).abs().max()) for n in reference) / top
 
 
-@pytest.mark.parametrize("mode", [{}, {"recompute": True}, {"first_order": True}])
+@pytest.mark.parametrize("mode", [{}, {"mode": "recompute"}, {"mode": "first_order"}])
 def test_cuda_scores_match_float64_cpu_scores(mode):
     """Within float32's own rounding: the CUDA scores are as close to the float64 ones as the CPU's
     float32 scores are (lr 0.01 keeps the unroll well conditioned; at lr 0.1 BatchNorm ResNets

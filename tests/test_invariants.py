@@ -8,7 +8,7 @@ from model_state import Net, assert_same, snapshot
 from torch import nn
 
 from lightning_prospr import prospr_scores
-from lightning_prospr.unroll import UnrollError
+from lightning_prospr.errors import UnrollError
 
 F = nn.functional
 
@@ -26,12 +26,12 @@ def prepared_model():
     return model
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_model_untouched_bit_for_bit(first_order):
+@pytest.mark.parametrize("mode", ["full", "first_order"])
+def test_model_untouched_bit_for_bit(mode):
     model = prepared_model()
     batches = [(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
     before = snapshot(model)
-    scores = prospr_scores(model, loss_fn, batches, steps=3, momentum=0.9, first_order=first_order)
+    scores = prospr_scores(model, loss_fn, batches, steps=3, momentum=0.9, mode=mode)
     assert_same(before, snapshot(model))
     # Frozen weights are neither updated nor, by default, scored.
     assert set(scores) == {"conv.weight", "fc.weight"}  # the frozen Linear is left out

@@ -136,8 +136,8 @@ def test_make_permanent_leaves_plain_weights_with_zeros(tmp_path):
 
 def test_bf16_mixed_scoring_runs_under_autocast(tmp_path):
     pl.seed_everything(3)
-    # (keep_connected=False: the guard's float64 passes would add calls, which autocast leaves alone)
-    model, callback = Net(), ProsprPruningCallback(sparsity=0.5, keep_connected=False, verbose=False)
+    # (guard="floor": the guard's float64 passes would add calls, which autocast leaves alone)
+    model, callback = Net(), ProsprPruningCallback(sparsity=0.5, guard="floor", verbose=False)
     make_trainer(tmp_path, [callback], max_epochs=1, precision="bf16-mixed").fit(model, datamodule=Data())
     # One call finds the weights to prune, M + 1 = 4 are the scoring unroll; then 10 training batches.
     # All under autocast.

@@ -129,7 +129,8 @@ def test_prospr_scores_run_on_each_model(name: str, first_order: bool) -> None:
     torch.manual_seed(0)
     make, batch, _ = CASES[name]
     model = make()
-    scores = prospr_scores(model, _cross_entropy, [batch()], steps=1, lr=0.01, first_order=first_order)
+    mode = "first_order" if first_order else "full"
+    scores = prospr_scores(model, _cross_entropy, [batch()], steps=1, lr=0.01, mode=mode)
     expected = {
         f"{m_name}.{attr}"
         for m_name, m in model.named_modules()

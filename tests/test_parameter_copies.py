@@ -29,9 +29,9 @@ def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     [
         {},
         {"momentum": 0.9, "weight_decay": 1e-4},
-        {"recompute": True},
-        {"recompute": True, "momentum": 0.9},
-        {"first_order": True},
+        {"mode": "recompute"},
+        {"mode": "recompute", "momentum": 0.9},
+        {"mode": "first_order"},
     ],
     ids=["full", "full-momentum", "recompute", "recompute-momentum", "first-order"],
 )

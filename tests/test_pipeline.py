@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prospr import ProsprPruningCallback, SparsityReport, prospr_scores
+from lightning_prospr import ProsprPruningCallback, PruningSettings, SparsityReport, prospr_scores
 from lightning_prospr.guard import guard_masks, path_gradients
 from lightning_prospr.models import ResNet20
 from lightning_prospr.pipeline import compute_masks, density_schedule
@@ -85,7 +85,7 @@ def test_structured_first_order_is_the_channel_sum_of_the_closed_form():
         opt.step()
     opt.zero_grad()
     ce(net, data[3]).backward()
-    channel = prospr_scores(model, ce, data, structured=True, first_order=True)
+    channel = prospr_scores(model, ce, data, structured=True, mode="first_order")
     for name in ("0.weight", "3.weight"):
         product = model.get_parameter(name).detach() * net.get_parameter(name).grad
         expected = product.reshape(product.shape[0], -1).sum(1).abs()
@@ -94,7 +94,7 @@ def test_structured_first_order_is_the_channel_sum_of_the_closed_form():
 
 def test_structured_masks_remove_whole_channels_and_spare_the_classifier():
     model, data = convnet(), batches(4)
-    result = compute_masks(model, ce, data, 0.5, structured=True, keep_connected=False)
+    result = compute_masks(model, ce, data, PruningSettings(0.5, structured=True, guard="floor"))
     assert set(result.masks) == {"0.weight", "3.weight"}  # the classifier is excluded by default
     total = 6 + 8
     assert sum(int((~m).sum()) for m in result.channel_masks.values()) == pruned_count(0.5, total)
@@ -117,7 +117,7 @@ def test_structured_masks_remove_whole_channels_and_spare_the_classifier():
 def test_fixed_masks_equal_a_model_pruned_beforehand():
     model, data = convnet(), batches(4)
     keep = global_masks(prospr_scores(model, ce, data), 0.6)
-    with_masks = prospr_scores(model, ce, data, masks=keep)
+    with_masks = prospr_scores(model, ce, data, within=keep)
     pruned = copy.deepcopy(model)
     for name, mask in keep.items():
         module = pruned.get_submodule(name.rpartition(".")[0])
@@ -134,17 +134,17 @@ def test_iterative_rounds_nest_and_hit_the_exact_count():
     assert all(a < b for a, b in zip(density_schedule(0.9, 3), density_schedule(0.9, 3)[1:], strict=False))
     rounds = []
     for r in (1, 2, 3):
-        rounds.append(compute_masks(model, ce, data, density_schedule(0.9, 3)[r - 1], rounds=r,
-                                    layer_floor=0, keep_connected=False).masks)  # fmt: skip
+        settings = PruningSettings(density_schedule(0.9, 3)[r - 1], rounds=r, guard="off")
+        rounds.append(compute_masks(model, ce, data, settings).masks)
     total = sum(m.numel() for m in rounds[0].values())
     assert sum(int((~m).sum()) for m in rounds[-1].values()) == pruned_count(0.9, total)
-    three = compute_masks(model, ce, data, 0.9, rounds=3, layer_floor=0, keep_connected=False).masks
+    three = compute_masks(model, ce, data, PruningSettings(0.9, rounds=3, guard="off")).masks
     assert all(torch.equal(three[n], rounds[-1][n]) for n in three)
     # The rounds of one 3-round run nest: re-run its schedule by hand with `within`.
     current = None
     previous = None
     for target in density_schedule(0.9, 3):
-        scores = prospr_scores(model, ce, data, masks=current)
+        scores = prospr_scores(model, ce, data, within=current)
         current = global_masks(scores, target, within=current)
         if previous is not None:
             assert not any(bool((current[n] & ~previous[n]).any()) for n in current)
@@ -152,9 +152,9 @@ def test_iterative_rounds_nest_and_hit_the_exact_count():
     assert all(torch.equal(current[n], three[n]) for n in three)
 
 
-def test_num_batches_averages_independent_unrolls():
+def test_unrolls_averages_independent_unrolls():
     model, data = convnet(), batches(8)
-    averaged = compute_masks(model, ce, data, 0.5, num_batches=2, layer_floor=0, keep_connected=False)
+    averaged = compute_masks(model, ce, data, PruningSettings(0.5, unrolls=2, guard="off"))
     first = prospr_scores(model, ce, data[:4])
     second = prospr_scores(model, ce, data[4:8])
     expected = global_masks({n: (first[n] + second[n]) / 2 for n in first}, 0.5)
@@ -164,7 +164,7 @@ def test_num_batches_averages_independent_unrolls():
 @pytest.mark.parametrize("method", ["snip", "grasp", "synflow", "magnitude", "random"])
 def test_every_method_gives_exact_counts(method):
     model, data = convnet(), batches(4)
-    result = compute_masks(model, ce, data, 0.8, method=method, rounds=None if method == "synflow" else 1)
+    result = compute_masks(model, ce, data, PruningSettings(0.8, method=method))
     total = sum(m.numel() for m in result.masks.values())
     assert sum(int((~m).sum()) for m in result.masks.values()) == pruned_count(0.8, total)
 
@@ -172,13 +172,13 @@ def test_every_method_gives_exact_counts(method):
 def test_bad_pipeline_arguments():
     model, data = convnet(), batches(1)
     with pytest.raises(ValueError, match="unknown pruning method 'prune'"):
-        compute_masks(model, ce, data, 0.5, method="prune")
+        compute_masks(model, ce, data, PruningSettings(0.5, method="prune"))
     with pytest.raises(ValueError, match="`rounds`=3 needs a method that re-scores"):
-        compute_masks(model, ce, data, 0.5, method="magnitude", rounds=3)
+        compute_masks(model, ce, data, PruningSettings(0.5, method="magnitude", rounds=3))
     with pytest.raises(ValueError, match="`structured=True` supports"):
-        compute_masks(model, ce, data, 0.5, method="grasp", structured=True)
-    with pytest.raises(ValueError, match="`num_batches` must be an integer >= 1"):
-        compute_masks(model, ce, data, 0.5, num_batches=0)
+        compute_masks(model, ce, data, PruningSettings(0.5, method="grasp", structured=True))
+    with pytest.raises(ValueError, match="`unrolls` must be an integer >= 1"):
+        compute_masks(model, ce, data, PruningSettings(0.5, unrolls=0))
 
 
 @pytest.mark.parametrize("sparsity", [0.995, 0.999])

@@ -23,8 +23,8 @@ CASES, Wrapped, expected_matrices = third_party.CASES, third_party.Wrapped, thir
 
 MODES = {
     "full": {},
-    "first_order": {"first_order": True},
-    "recompute": {"recompute": True},
+    "first_order": {"mode": "first_order"},
+    "recompute": {"mode": "recompute"},
 }
 
 

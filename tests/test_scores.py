@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lightning_prospr.scores as scores_module
-from lightning_prospr import default_parameter_names, prospr_scores
+from lightning_prospr import default_parameter_names, prospr_scores, snip_scores
 
 F = nn.functional
 
@@ -105,7 +105,7 @@ def test_full_mode_matches_finite_differences(kind, momentum):
     assert err < 1e-5
     # The meta-gradient is genuinely second order: it differs from the first-order one.
     first = prospr_scores(
-        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, first_order=True
+        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, mode="first_order"
     )
     assert max_relative_error(first, reference) > 1e-3
 
@@ -131,13 +131,12 @@ def test_first_order_matches_closed_form(momentum):
     expected = {n: (theta0[n] * p.grad).abs() for n, p in net.named_parameters() if n in names}
 
     scores = prospr_scores(
-        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, first_order=True
+        model, ce_loss, batches, steps=steps, lr=lr, momentum=momentum, weight_decay=wd, mode="first_order"
     )
     assert max_relative_error(scores, expected) < 1e-10
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_zero_steps_is_snip(first_order):
+def test_snip_is_the_gradient_times_the_weight():
     torch.manual_seed(3)
     model = small_mlp().double()
     batch = make_batches("mlp", 1)[0]
@@ -145,7 +144,7 @@ def test_zero_steps_is_snip(first_order):
     ce_loss(net, batch).backward()
     names = default_parameter_names(model)
     snip = {n: (p.detach() * p.grad).abs() for n, p in net.named_parameters() if n in names}
-    scores = prospr_scores(model, ce_loss, [batch], steps=0, first_order=first_order)
+    scores = snip_scores(model, ce_loss, [batch])
     assert max_relative_error(scores, snip) < 1e-12
 
 
@@ -235,10 +234,10 @@ def test_recompute_gives_the_full_mode_scores(momentum, structured, monkeypatch)
     torch.manual_seed(8)
 
     def no_stored_unroll(*args, **kwargs):
-        raise AssertionError("recompute=True must not store the unrolled graph")
+        raise AssertionError("mode='recompute' must not store the unrolled graph")
 
     monkeypatch.setattr(scores_module, "sgd_unroll", no_stored_unroll)
-    recomputed = prospr_scores(model, ce_loss, batches, recompute=True, **kwargs)
+    recomputed = prospr_scores(model, ce_loss, batches, mode="recompute", **kwargs)
     assert set(full) == set(recomputed) == set(names)
     assert max_relative_error(recomputed, full) < 1e-10
 
@@ -251,6 +250,6 @@ def test_full_mode_through_fused_attention_layers():
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 5, 3))
     batch = (torch.randn(4, 5, 8), torch.randint(0, 3, (4,)))
     full = prospr_scores(model, ce_loss, [batch], steps=2)
-    recomputed = prospr_scores(model, ce_loss, [batch], steps=2, recompute=True)
+    recomputed = prospr_scores(model, ce_loss, [batch], steps=2, mode="recompute")
     assert "0.linear1.weight" in full and all(torch.isfinite(s).all() for s in full.values())
     assert max_relative_error(recomputed, full) < 1e-4

@@ -74,11 +74,11 @@ def test_operators_without_any_form_fail_before_the_unroll_naming_the_layer(name
     model.add_module("head", Head())
     batch = torch.randn(5, 4)
     with pytest.raises(
-        NotTwiceDifferentiableError, match=rf"{name}.*layer 'head' \(Head\).*first_order=True"
+        NotTwiceDifferentiableError, match=rf"{name}.*layer 'head' \(Head\).*mode='first_order'"
     ):
         prospr_scores(model, lambda m, b: m(b), [batch], steps=1)
     # First-order mode needs one backward pass through it, which PyTorch has.
-    assert prospr_scores(model, lambda m, b: m(b), [batch], steps=1, first_order=True)
+    assert prospr_scores(model, lambda m, b: m(b), [batch], steps=1, mode="first_order")
 
 
 def test_an_operator_missing_from_the_tables_still_gets_advice():
@@ -92,7 +92,7 @@ def test_an_operator_missing_from_the_tables_still_gets_advice():
 
     batch = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
     with pytest.raises(
-        NotTwiceDifferentiableError, match=r"no double backward for aten::hardsigmoid.*first_order"
+        NotTwiceDifferentiableError, match=r"no double backward for aten::hardsigmoid.*mode='first_order'"
     ):
         prospr_scores(model, loss, [batch], steps=2)
 
