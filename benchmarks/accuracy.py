@@ -59,31 +59,45 @@ reported in ``docs/results.md`` used ``M=1``, lr 0.1 and one reused batch, the s
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import json
-import math
 import os
-import pickle
 import platform
 import shlex
-import statistics
 import sys
 import time
-import types
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.data import (  # re-exported for the tests
+    DEFAULT_DATA_ROOT,
+    Data,
+    load_data,
+)
+from common.render import (
+    Catalog,
+    render_comparison,
+    render_markdown,
+    render_plot,
+    render_study,
+    render_timing,
+)
+from common.results import ResultStore
+from common.runner import run_tasks
+from common.training import Recipe, evaluate, train
+
+from lightning_prospr import MaskResult, PruningSettings, compute_masks, default_parameter_names
+from lightning_prospr.masking import apply_masks, current_masks, effective_weight
+from lightning_prospr.models import VGG16BN, LeNet5, LeNet300100, ResNet20
+from lightning_prospr.selection import pruned_count
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"
 
 METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "prospr", "prospr-fo", "prospr-iter")
 #: The ProsPr variants (they share the ``--prospr-*`` scoring settings).
@@ -99,7 +113,7 @@ MODEL_LABELS = {
     "vgg16bn": "VGG-16-BN",
 }
 DATASET_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
-VAL_SIZE = 5000
+CATALOG = Catalog(MODELS, METHODS, PROSPR_METHODS, MODEL_LABELS, DATASET_OF, DATASET_LABELS)
 
 #: Columns of ``results.csv``, in order.
 CSV_COLUMNS = (
@@ -127,178 +141,8 @@ KEY_COLUMNS = ("model", "dataset", "method", "sparsity", "seed", "recipe", "scor
 
 
 # --------------------------------------------------------------------------------------------------
-# The package, without its ``__init__`` (which imports Lightning: seconds per process, not needed).
-# --------------------------------------------------------------------------------------------------
-
-
-def _import_package() -> tuple[Any, Any, Any]:
-    """``(pipeline, masking, models)`` modules of this checkout, skipping the package ``__init__``."""
-    if "lightning_prospr" not in sys.modules:
-        package = types.ModuleType("lightning_prospr")
-        package.__path__ = [str(ROOT / "lightning_prospr")]
-        sys.modules["lightning_prospr"] = package
-    from lightning_prospr import masking, models, pipeline
-
-    return pipeline, masking, models
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: whole splits as tensors.
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """Images ``x`` (float32, normalized, NCHW) and labels ``y`` (int64) of one split."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return int(self.y.numel())
-
-    def head(self, n: int) -> Split:
-        return Split(self.x[:n], self.y[:n])
-
-    def to(self, device: torch.device) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
-
-
-@dataclass
-class Data:
-    """Train (without the validation images), validation and test splits of one data set."""
-
-    name: str
-    train: Split
-    val: Split
-    test: Split
-    augment: bool = False
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzipped: big-endian dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_mnist(root: Path) -> Data:
-    """MNIST from ``root/MNIST/raw/*.gz``; pixels as ``ToTensor()`` then ``Normalize(0.1307, 0.3081)``."""
-    raw = root / "MNIST" / "raw"
-    if not raw.is_dir():
-        raise FileNotFoundError(f"MNIST not found: {raw} does not exist; pass --data-root pointing at it.")
-
-    def split(prefix: str) -> Split:
-        images = torch.from_numpy(_read_idx(raw / f"{prefix}-images-idx3-ubyte.gz").copy())
-        labels = torch.from_numpy(_read_idx(raw / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-        x = (images.float().div_(255.0).sub_(0.1307).div_(0.3081)).unsqueeze(1)
-        return Split(x.contiguous(), labels)
-
-    train, test = split("train"), split("t10k")
-    n = len(train) - VAL_SIZE
-    return Data(
-        "mnist", Split(train.x[:n], train.y[:n]), Split(train.x[n:], train.y[n:]), test, augment=False
-    )
-
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-def load_cifar10(root: Path) -> Data:
-    """CIFAR-10 from ``root/cifar-10-batches-py``, normalized per channel; training batches augmented."""
-    folder = root / "cifar-10-batches-py"
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"CIFAR-10 not found: {folder} does not exist; pass --data-root pointing at it."
-        )
-
-    def read(names: Sequence[str]) -> Split:
-        xs, ys = [], []
-        for name in names:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(entry["labels"], dtype=np.int64))
-        x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
-        mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-        return Split(((x - mean) / std).contiguous(), torch.from_numpy(np.concatenate(ys)))
-
-    train = read([f"data_batch_{i}" for i in range(1, 6)])
-    test = read(["test_batch"])
-    n = len(train) - VAL_SIZE
-    return Data(
-        "cifar10", Split(train.x[:n], train.y[:n]), Split(train.x[n:], train.y[n:]), test, augment=True
-    )
-
-
-def load_data(name: str, root: Path, limit: int | None = None) -> Data:
-    """The data set ``name`` (``"mnist"`` or ``"cifar10"``); ``limit`` truncates every split (smoke tests)."""
-    data = load_mnist(root) if name == "mnist" else load_cifar10(root)
-    if limit is not None:
-        data = replace(
-            data, train=data.train.head(limit), val=data.val.head(limit), test=data.test.head(limit)
-        )
-    return data
-
-
-def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random 32x32 crop of the 4-pixel zero-padded images and random horizontal flip, per image.
-
-    The padding is 0 in normalized units, i.e. the data set's mean colour (torchvision pads the raw
-    image with black before normalizing; the difference is immaterial for the recipe).
-    """
-    n, c, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 9, (n,), generator=generator).to(x.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = dx[:, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    channel = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, channel, rows, cols]
-
-
-# --------------------------------------------------------------------------------------------------
 # Recipe, scoring settings, one run.
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The fixed training recipe: SGD with momentum and a schedule over ``epochs`` epochs.
-
-    ``schedule="onecycle"``: :class:`~torch.optim.lr_scheduler.OneCycleLR` (peak ``lr``, linear
-    warm-up over ``warmup`` of the steps from ``lr / 25``, linear decay, momentum fixed), stepped
-    every batch. ``schedule="step"``: ``lr`` times 0.1 at each fraction in ``milestones`` of the
-    epochs, stepped every epoch.
-    """
-
-    epochs: int
-    lr: float
-    batch_size: int
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"
-    warmup: float = 0.25
-    milestones: tuple[float, ...] = (0.5, 0.75)
-
-    def describe(self) -> str:
-        """A short string that identifies the recipe (part of a run's key in the CSV)."""
-        sched = (
-            f"onecycle(warmup={self.warmup})"
-            if self.schedule == "onecycle"
-            else "step(x0.1@" + ",".join(f"{m:g}" for m in self.milestones) + ")"
-        )
-        return (
-            f"sgd lr={self.lr:g} m={self.momentum:g} wd={self.weight_decay:g} b={self.batch_size} "
-            f"e={self.epochs} {sched}"
-        )
 
 
 RECIPES = {
@@ -360,16 +204,15 @@ class RunSpec:
 
 def build_model(name: str, seed: int) -> nn.Module:
     """The architecture ``name`` with weights from ``torch.manual_seed(seed)``."""
-    _, _, models = _import_package()
     torch.manual_seed(seed)
     if name == "lenet300100":
-        return models.LeNet300100()
+        return LeNet300100()
     if name == "lenet5":
-        return models.LeNet5()
+        return LeNet5()
     if name == "resnet20":
-        return models.ResNet20()
+        return ResNet20()
     if name == "vgg16bn":
-        return models.VGG16BN()
+        return VGG16BN()
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -386,113 +229,35 @@ def scoring_batches(data: Data, count: int, batch_size: int, seed: int, device: 
     return [(data.train.x[idx].to(device), data.train.y[idx].to(device)) for idx in order.split(batch_size)]
 
 
+def settings_for(method: str, sparsity: float, seed: int, scoring: Scoring) -> PruningSettings:
+    """The engine's settings for one of this benchmark's methods."""
+    if method in PROSPR_METHODS:
+        return PruningSettings(
+            sparsity,
+            steps=scoring.steps,
+            lr=scoring.lr,
+            mode="first_order" if method == "prospr-fo" else "full",
+            unrolls=scoring.average,
+            rounds=scoring.prospr_rounds if method == "prospr-iter" else None,
+        )
+    if method == "synflow":
+        return PruningSettings(sparsity, method="synflow", rounds=scoring.synflow_rounds)
+    return PruningSettings(sparsity, method=method, seed=seed if method == "random" else 0)
+
+
 def masks_for(
     model: nn.Module, spec: RunSpec, data: Data, scoring: Scoring, device: torch.device
-) -> tuple[dict[str, Tensor], Any]:
-    """``(masks, MaskResult)`` of ``spec.method`` at ``spec.sparsity``."""
-    pipeline, _, _ = _import_package()
-    method = spec.method
-    kwargs: dict[str, Any] = {"seed": spec.seed}
-    repeat = 1
-    if method in PROSPR_METHODS:
-        per_unroll = 1 if scoring.reuse else scoring.steps + 1
-        count = per_unroll * scoring.average
+) -> tuple[dict[str, Tensor], MaskResult]:
+    """`(masks, MaskResult)` of `spec.method` at `spec.sparsity`."""
+    settings = settings_for(spec.method, spec.sparsity, spec.seed, scoring)
+    count, repeat = 1, 1
+    if spec.method in PROSPR_METHODS:
+        count = (1 if scoring.reuse else scoring.steps + 1) * scoring.average
         repeat = scoring.steps + 1 if scoring.reuse else 1  # an unroll draws M + 1 batches in order
-        kwargs.update(method="prospr", steps=scoring.steps, lr=scoring.lr, first_order=method == "prospr-fo")
-        kwargs.update(num_batches=scoring.average)
-        if method == "prospr-iter":
-            kwargs.update(rounds=scoring.prospr_rounds)
-    elif method == "synflow":
-        count = 1
-        kwargs.update(method="synflow", rounds=scoring.synflow_rounds)
-    else:
-        count = 1
-        kwargs.update(method=method)
     batches = scoring_batches(data, count, scoring.batch_size, spec.seed, device)
     batches = [b for b in batches for _ in range(repeat)]
-    result = pipeline.compute_masks(
-        model, loss_fn, batches, spec.sparsity, example_input=batches[0][0], **kwargs
-    )
+    result = compute_masks(model, loss_fn, batches, settings, example_input=batches[0][0])
     return result.masks, result
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, device: torch.device, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``split``, in eval mode."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        x = split.x[start : start + batch_size].to(device)
-        y = split.y[start : start + batch_size].to(device)
-        correct += int((model(x).argmax(dim=1) == y).sum())
-    return 100.0 * correct / max(1, len(split))
-
-
-def train(
-    model: nn.Module,
-    data: Data,
-    recipe: Recipe,
-    seed: int,
-    device: torch.device,
-    max_steps: int | None = None,
-) -> float:
-    """Train ``model`` in place with ``recipe``; returns the final training loss.
-
-    The final loss is the mean cross-entropy of the last ``min(100, steps)`` steps. Batches are a
-    new permutation of the training split each epoch (from a generator seeded with ``seed``); the
-    last incomplete batch is dropped. ``max_steps`` stops early (smoke tests).
-    """
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
-    per_epoch = len(data.train) // recipe.batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"the training split ({len(data.train)}) is smaller than a batch ({recipe.batch_size})."
-        )
-    total = per_epoch * recipe.epochs if max_steps is None else min(max_steps, per_epoch * recipe.epochs)
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    if recipe.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=recipe.lr,
-            total_steps=total,
-            pct_start=recipe.warmup,
-            anneal_strategy="linear",
-            cycle_momentum=False,
-        )
-    elif recipe.schedule == "step":
-        milestones = sorted({max(1, round(f * recipe.epochs)) for f in recipe.milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    else:
-        raise ValueError(f"unknown schedule {recipe.schedule!r}")
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[Tensor] = []
-    step = 0
-    model.train()
-    for _ in range(recipe.epochs):
-        order = torch.randperm(len(data.train), generator=generator).to(data.train.x.device)
-        for b in range(per_epoch):
-            idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            x, y = data.train.x[idx], data.train.y[idx]
-            if data.augment:
-                x = augment_batch(x, generator)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            if recipe.schedule == "onecycle":
-                scheduler.step()
-            losses.append(loss.detach())
-            step += 1
-            if max_steps is not None and step >= max_steps:
-                break
-        if recipe.schedule == "step":
-            scheduler.step()
-        if max_steps is not None and step >= max_steps:
-            break
-    return float(torch.stack(losses[-100:]).float().mean())
 
 
 def check_zeros(
@@ -506,17 +271,14 @@ def check_zeros(
     sparsity counts exact zeros of the effective weights over all scored weights (a kept weight
     that is exactly 0 by chance would count too).
     """
-    from lightning_prospr.selection import pruned_count
-
-    _, masking, _ = _import_package()
-    registered = masking.current_masks(model)
+    registered = current_masks(model)
     total_weights = sum(m.numel() for m in masks.values())
     removed = sum(int((~m.bool()).sum()) for m in masks.values())
     ok = removed == pruned_count(sparsity, total_weights)
     zeros = total = 0
     density: dict[str, float] = {}
     for name, mask in masks.items():
-        effective = masking.effective_weight(model, name)
+        effective = effective_weight(model, name)
         ok &= name in registered and bool(torch.equal(registered[name].cpu(), mask.bool().cpu()))
         ok &= bool((effective[~mask.bool()] == 0).all())
         zeros += int((effective == 0).sum())
@@ -536,12 +298,11 @@ def run_one(
     max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Prune (unless dense), train and evaluate one run; returns its CSV row."""
-    pipeline, masking, _ = _import_package()
     model = build_model(spec.model, spec.seed).to(device)
     guard: dict[str, Any] = {}
     score_seconds = 0.0
     if spec.method == "dense":
-        names = pipeline.resolve_parameters(model, None)
+        names = default_parameter_names(model)
         named = dict(model.named_parameters())
         masks = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
     else:
@@ -549,7 +310,7 @@ def run_one(
         masks, result = masks_for(model, spec, data, scoring, device)
         score_seconds = time.perf_counter() - start
         guard = {"added": result.guard.added, "removed": result.guard.removed} if result.guard.changed else {}
-        masking.apply_masks(model, masks)
+        apply_masks(model, masks)
     start = time.perf_counter()
     final_loss = train(model, data, recipe, spec.seed, device, max_steps=max_steps)
     if device.type == "cuda":
@@ -589,36 +350,6 @@ def _dense_zeros(model: nn.Module, masks: dict[str, Tensor]) -> float:
     return zeros / max(1, total)
 
 
-# --------------------------------------------------------------------------------------------------
-# CSV, grid, resuming.
-# --------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a results CSV (empty when it does not exist)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    """The identity of a run: model, data set, method, sparsity, seed, recipe and scoring settings."""
-    return tuple(str(row[c]) for c in KEY_COLUMNS)
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row to ``path`` (writing the header first if the file is new), flushed at once."""
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def grid(
     models: Sequence[str], methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]
 ) -> list[RunSpec]:
@@ -633,232 +364,18 @@ def grid(
     return specs
 
 
-# --------------------------------------------------------------------------------------------------
-# Rendering: Markdown table and plot.
-# --------------------------------------------------------------------------------------------------
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(
-    rows: Iterable[dict[str, str]], metric: str = "test_acc"
-) -> dict[tuple[str, str, float], list[float]]:
-    """``{(model, method, sparsity): [metric of each seed]}``, skipping empty values."""
-    out: dict[tuple[str, str, float], list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get(metric, "") != "":
-            out[(row["model"], row["method"], float(row["sparsity"]))].append(float(row[metric]))
-    return out
-
-
-def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
-    found = set(values)
-    return [v for v in order if v in found] + sorted(found - set(order))
-
-
-def render_markdown(rows: Sequence[dict[str, str]], metric: str = "test_acc") -> str:
-    """One table per model: rows = method, columns = sparsity, cells = mean ± std over seeds (%).
-
-    The best mean of each column is in bold (ties included); a cell with fewer seeds than the most
-    common count says how many it has. The dense accuracy heads the table.
-    """
-    stats = summarize(rows, metric)
-    what = "test accuracy" if metric == "test_acc" else "validation accuracy"
-    lines: list[str] = []
-    for model in _ordered({k[0] for k in stats}, MODELS):
-        dataset = DATASET_OF.get(model, "")
-        cells = {k[1:]: v for k, v in stats.items() if k[0] == model}
-        counts = [len(v) for v in cells.values()]
-        usual = max(set(counts), key=counts.count) if counts else 0
-        title = f"{MODEL_LABELS.get(model, model)} on {DATASET_LABELS.get(dataset, dataset)}"
-        lines += [f"### {title}", ""]
-        dense = cells.get(("dense", 0.0))
-        if dense:
-            mean, std = _mean_std(dense)
-            lines += [f"Dense: **{mean:.2f} ± {std:.2f} %** ({len(dense)} seeds).", ""]
-        sparsities = sorted({s for (m, s) in cells if m != "dense"})
-        methods = _ordered({m for (m, _) in cells if m != "dense"}, METHODS)
-        lines.append(f"Mean ± std {what} (%) over {usual} seeds; columns are sparsities.")
-        lines.append("")
-        lines.append("| method | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " |")
-        lines.append("|---|" + "---:|" * len(sparsities))
-        best = {
-            s: max(statistics.fmean(cells[(m, s)]) for m in methods if (m, s) in cells) for s in sparsities
-        }
-        for method in methods:
-            row = [method]
-            for s in sparsities:
-                values = cells.get((method, s))
-                if not values:
-                    row.append("-")
-                    continue
-                mean, std = _mean_std(values)
-                text = f"{mean:.2f} ± {std:.2f}"
-                if round(mean, 2) == round(best[s], 2):
-                    text = f"**{text}**"
-                if len(values) != usual:
-                    text += f" (n={len(values)})"
-                row.append(text)
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def render_timing(rows: Sequence[dict[str, str]]) -> str:
-    """Mean scoring and training seconds per model and method (over sparsities and seeds)."""
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["model"], row["method"])].append(
-            (float(row["score_seconds"]), float(row["train_seconds"]))
-        )
-    lines = ["| model | method | runs | scoring s (mean) | training s (mean) |", "|---|---|---:|---:|---:|"]
-    for model in _ordered({k[0] for k in groups}, MODELS):
-        for method in _ordered({k[1] for k in groups if k[0] == model}, METHODS):
-            values = groups[(model, method)]
-            lines.append(
-                f"| {MODEL_LABELS.get(model, model)} | {method} | {len(values)} | "
-                f"{statistics.fmean(v[0] for v in values):.2f} | "
-                f"{statistics.fmean(v[1] for v in values):.1f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def render_plot(
-    rows: Sequence[dict[str, str]], path: Path, metric: str = "test_acc", zoom: float | None = 10.0
-) -> None:
-    """Accuracy against density (log axis, sparsity growing to the right), one column per model.
-
-    Each method is a line through the mean over seeds with ± std error bars; the dense accuracy is a
-    dashed line in a grey band of ± one std. With ``zoom``, a second row repeats the panels with the
-    accuracy axis limited to the ``zoom`` points below the dense mean (collapsed runs sit near 10 %
-    and would otherwise flatten the differences that matter).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = summarize(rows, metric)
-    models = _ordered({k[0] for k in stats}, MODELS)
-    ncols, nrows = max(1, len(models)), 2 if zoom else 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.6 * nrows), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for col, model in enumerate(models):
-        cells = {k[1:]: v for k, v in stats.items() if k[0] == model}
-        sparsities = sorted({s for (m, s) in cells if m != "dense"})
-        densities = [1.0 - s for s in sparsities]
-        dense = cells.get(("dense", 0.0))
-        for row in range(nrows):
-            ax = axes[row][col]
-            if dense:
-                mean, std = _mean_std(dense)
-                ax.axhspan(mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
-                ax.axhline(mean, color="0.3", lw=1.0, ls="--", label=f"dense {mean:.2f} ± {std:.2f}")
-            for method in _ordered({m for (m, _) in cells if m != "dense"}, METHODS):
-                points = [
-                    (1.0 - s, *_mean_std(cells[(method, s)])) for s in sparsities if (method, s) in cells
-                ]
-                xs, ys, es = zip(*points, strict=True) if points else ((), (), ())
-                bold = method.startswith("prospr")
-                color = colors(METHODS.index(method) if method in METHODS else 9)
-                ax.errorbar(
-                    xs, ys, yerr=es, marker="o", ms=5 if bold else 4, lw=2.0 if bold else 1.2,
-                    capsize=3, label=method, color=color,
-                )  # fmt: skip
-            if densities:  # sparsity grows to the right: the density axis runs from high to low
-                ax.set_xlim(max(densities) * 1.4, min(densities) / 1.4)
-            ax.set_xscale("log")
-            if densities:
-                ax.set_xticks(densities)
-                ax.set_xticklabels([f"{100 * d:g}" for d in densities])
-            ax.minorticks_off()
-            ax.set_xlabel("density 1 - sparsity (%), log scale")
-            label = "test accuracy (%)" if metric == "test_acc" else "validation accuracy (%)"
-            title = f"{MODEL_LABELS.get(model, model)} on {DATASET_LABELS.get(DATASET_OF.get(model, ''), '')}"
-            if row == 1 and zoom:
-                top = _mean_std(dense)[0] if dense else max(statistics.fmean(v) for v in cells.values())
-                ax.set_ylim(top - zoom, top + 1.0)
-                title += f" (zoom: top {zoom:g} points)"
-            else:
-                ax.legend(fontsize=8, loc="lower left")
-            ax.set_ylabel(label)
-            ax.set_title(title)
-            ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def render_comparison(
-    rows: Sequence[dict[str, str]], metric: str = "test_acc", from_sparsity: float = 0.98
-) -> str:
-    """Each ProsPr variant against the best baseline of each cell at ``from_sparsity`` and above.
-
-    The best baseline is the non-ProsPr method with the highest mean (``dense`` excluded). The
-    per-seed column gives the variant's value minus that baseline's, seed by seed (seeds both have).
-    """
-    stats = summarize(rows, metric)
-    by_seed: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
-    for row in rows:
-        if row.get(metric, "") != "":
-            by_seed[(row["model"], row["method"], float(row["sparsity"]))][row["seed"]] = float(row[metric])
-    lines = [
-        "| model | sparsity | method | mean | best baseline | difference | per seed |",
-        "|---|---:|---|---:|---|---:|---|",
-    ]
-    wins = total = 0
-    for model in _ordered({k[0] for k in stats}, MODELS):
-        sparsities = sorted({k[2] for k in stats if k[0] == model and k[2] >= from_sparsity})
-        for s in sparsities:
-            baselines = {
-                m: statistics.fmean(v)
-                for (mm, m, ss), v in stats.items()
-                if mm == model and ss == s and m not in PROSPR_METHODS and m != "dense"
-            }
-            if not baselines:
-                continue
-            rival = max(baselines, key=lambda m: baselines[m])
-            for method in PROSPR_METHODS:
-                values = stats.get((model, method, s))
-                if not values:
-                    continue
-                mean = statistics.fmean(values)
-                ours, theirs = by_seed[(model, method, s)], by_seed[(model, rival, s)]
-                seeds = sorted(set(ours) & set(theirs), key=int)
-                per_seed = ", ".join(f"{ours[k] - theirs[k]:+.2f}" for k in seeds)
-                difference = mean - baselines[rival]
-                won = round(difference, 2) >= 0
-                wins += won
-                total += 1
-                cell = f"**{difference:+.2f}**" if won else f"{difference:+.2f}"
-                lines.append(
-                    f"| {MODEL_LABELS.get(model, model)} | {100 * s:g} % | {method} | {mean:.2f} | "
-                    f"{rival} {baselines[rival]:.2f} | {cell} | {per_seed} |"
-                )
-    what = "test accuracy" if metric == "test_acc" else "validation accuracy"
-    summary = (
-        f"Mean {what} (%) of each ProsPr variant against the best other method of the cell "
-        f"(sparsity >= {100 * from_sparsity:g} %); matches or beats it in {wins} of {total} "
-        "(variant, cell) pairs (bold)."
-    )
-    return summary + "\n\n" + "\n".join(lines) + "\n"
-
-
 def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) -> None:
-    """``results.md`` and ``accuracy_vs_sparsity.png`` in ``out_dir`` from ``rows``."""
+    """`results.md` and `accuracy_vs_sparsity.png` in `out_dir` from `rows`."""
     zeros = [r for r in rows if r["zeros_ok"] != "True"]
     text = (
-        f"{header}\n\n{render_markdown(rows)}\n"
+        f"{header}\n\n{render_markdown(rows, CATALOG)}\n"
         f"Runs: {len(rows)}; runs whose pruned weights were not all exactly zero after training: "
         f"{len(zeros)}.\n\n"
-        f"#### ProsPr against the best baseline\n\n{render_comparison(rows)}\n"
-        f"#### Time per run\n\n{render_timing(rows)}"
+        f"#### ProsPr against the best baseline\n\n{render_comparison(rows, CATALOG)}\n"
+        f"#### Time per run\n\n{render_timing(rows, CATALOG)}"
     )
     (out_dir / "results.md").write_text(text, encoding="utf-8")
-    render_plot(rows, out_dir / "accuracy_vs_sparsity.png")
+    render_plot(rows, out_dir / "accuracy_vs_sparsity.png", CATALOG)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1008,11 +525,18 @@ def _progress(done: int, total: int, row: dict[str, Any], started: float) -> str
 #: One unit of work: the run, its scoring settings, and whether to evaluate on the test set.
 Task = tuple[RunSpec, Scoring, bool]
 
-#: Per-process state of the workers (set by :func:`_init_worker`, or in-process when ``--jobs 1``).
-_STATE: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class Worker:
+    """What every run of a process shares: the data (loaded once per process), recipe, device."""
+
+    data: Data
+    recipe: Recipe
+    device: torch.device
+    max_steps: int | None
 
 
-def _init_worker(
+def start_worker(
     dataset: str,
     root: Path,
     limit: int | None,
@@ -1020,7 +544,7 @@ def _init_worker(
     device: str,
     threads: int,
     max_steps: int | None,
-) -> None:
+) -> Worker:
     """Load the data once per process and fix the thread count."""
     dev = torch.device(device)
     if dev.type == "cpu":
@@ -1028,24 +552,19 @@ def _init_worker(
     data = load_data(dataset, root, limit)
     if dev.type != "cpu":  # whole splits on the accelerator: batches and augmentation never leave it
         data = replace(data, train=data.train.to(dev), val=data.val.to(dev), test=data.test.to(dev))
-    _STATE.update(data=data, recipe=recipe, device=dev, max_steps=max_steps)
+    return Worker(data, recipe, dev, max_steps)
 
 
-def _work(task: Task) -> dict[str, Any]:
+def work(worker: Worker, task: Task) -> dict[str, Any]:
     spec, scoring, evaluate_test = task
     return run_one(
-        spec,
-        _STATE["data"],
-        _STATE["recipe"],
-        scoring,
-        _STATE["device"],
-        evaluate_test=evaluate_test,
-        max_steps=_STATE["max_steps"],
-    )
+        spec, worker.data, worker.recipe, scoring, worker.device, evaluate_test=evaluate_test,
+        max_steps=worker.max_steps,
+    )  # fmt: skip
 
 
 def task_key(task: Task, recipe: Recipe) -> tuple[str, ...]:
-    """The :data:`KEY_COLUMNS` values the task's CSV row will have."""
+    """The `KEY_COLUMNS` values the task's CSV row will have."""
     spec, scoring, _ = task
     return (
         spec.model,
@@ -1058,36 +577,27 @@ def task_key(task: Task, recipe: Recipe) -> tuple[str, ...]:
     )
 
 
-def execute(args: argparse.Namespace, tasks: Sequence[Task], recipe: Recipe, path: Path) -> int:
-    """Run the tasks not yet in ``path``, appending each row as it finishes; returns how many ran.
+def store(path: Path) -> ResultStore:
+    return ResultStore(path, CSV_COLUMNS, KEY_COLUMNS)
 
-    ``--jobs 1`` runs them in this process; more start that many worker processes (``spawn``), each
-    with its own copy of the data and ``--threads`` threads, and rows arrive in completion order.
+
+def execute(args: argparse.Namespace, tasks: Sequence[Task], recipe: Recipe, path: Path) -> int:
+    """Run the tasks not yet in `path`, appending each row as it finishes; returns how many ran.
+
+    `--jobs 1` runs them in this process; more start that many worker processes (`spawn`), each
+    with its own copy of the data and `--threads` threads, and rows arrive in completion order.
     """
-    done = {row_key(r) for r in read_rows(path)}
+    results = store(path)
+    done = results.done()
     todo = [t for t in tasks if task_key(t, recipe) not in done]
     print(f"{len(tasks)} runs, {len(tasks) - len(todo)} already in {path}, {len(todo)} to run", flush=True)
     if not todo:
         return 0
     init = (args.dataset, args.data_root, args.limit, recipe, str(args.device), args.threads, args.max_steps)
     started = time.perf_counter()
-    if args.jobs <= 1 or len(todo) <= 1:
-        _init_worker(*init)
-        rows: Iterable[dict[str, Any]] = map(_work, todo)
-        pool = None
-    else:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=init)
-        rows = pool.imap_unordered(_work, todo)
-    try:
-        for i, row in enumerate(rows, 1):
-            append_row(path, row)
-            print(_progress(i, len(todo), row, started), flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    for i, row in enumerate(run_tasks(todo, start_worker, init, work, args.jobs), 1):
+        results.append(row)
+        print(_progress(i, len(todo), row, started), flush=True)
     print(f"ran {len(todo)} runs in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return len(todo)
 
@@ -1118,50 +628,6 @@ def study_tasks(args: argparse.Namespace, base: Scoring) -> list[Task]:
     ]
 
 
-def render_study(
-    rows: Sequence[dict[str, str]], models: Sequence[str], seeds: Sequence[int], recipe: Recipe
-) -> str:
-    """Validation accuracy per ProsPr setting (rows) and sparsity (columns), plus the mean."""
-    table: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        table[row["scoring"]][float(row["sparsity"])].append(float(row["val_acc"]))
-    sparsities = sorted({float(r["sparsity"]) for r in rows})
-    lines = [
-        f"ProsPr settings: validation accuracy (%) on the {VAL_SIZE} held-out training images (never "
-        f"the test set); {', '.join(MODEL_LABELS.get(m, m) for m in models)}, seeds "
-        f"{' '.join(map(str, seeds))}; training recipe: {recipe.describe()}.",
-        "",
-        "| setting | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " | mean |",
-        "|---|" + "---:|" * (len(sparsities) + 1),
-    ]
-    means = {}
-    for setting, by_s in sorted(table.items()):
-        per = [statistics.fmean(by_s[s]) for s in sparsities if by_s.get(s)]
-        means[setting] = statistics.fmean(per)
-        cells = [f"{statistics.fmean(by_s[s]):.2f}" if by_s.get(s) else "-" for s in sparsities]
-        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {means[setting]:.2f} |")
-    if means:
-        best = max(means, key=lambda k: (round(means[k], 2), *_cheaper(k)))
-        tied = sorted(k for k in means if round(means[k], 2) == round(means[best], 2) and k != best)
-        lines += ["", f"Best mean validation accuracy: `{best}` ({means[best]:.2f} %)."]
-        if tied:
-            lines.append(
-                f"Tied with {', '.join(f'`{k}`' for k in tied)}; ties go to the cheaper scoring "
-                "(one reused batch, then fewer steps, then the paper's lr 0.1)."
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _cheaper(setting: str) -> tuple[int, int, int, float]:
-    """Preference among tied ProsPr settings (larger is preferred): reuse, fewer steps, fewer
-    rounds, lr near 0.1."""
-    fields = dict(part.split("=", 1) for part in setting.split() if "=" in part)
-    steps = int(fields.get("M", 0))
-    rounds = int(fields.get("rounds", 1))
-    lr = float(fields.get("lr", 0.1))
-    return int("reuse" in setting.split()), -steps, -rounds, -abs(math.log10(lr) + 1.0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -1186,8 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.out_dir / f"{stem}.csv"
         if not args.render:
             execute(args, study_tasks(args, scoring), recipe, path)
-        rows = [r for r in read_rows(path) if r["recipe"] == recipe.describe() and r["model"] in args.models]
-        text = render_study(rows, args.models, args.seeds, recipe)
+        rows = [
+            r for r in store(path).rows() if r["recipe"] == recipe.describe() and r["model"] in args.models
+        ]
+        text = render_study(rows, CATALOG, args.models, args.seeds, recipe.describe())
         (args.out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
@@ -1197,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         execute(args, [(spec, scoring, True) for spec in specs], recipe, csv_path)
     rows = [
         r
-        for r in read_rows(csv_path)
+        for r in store(csv_path).rows()
         if r["recipe"] == recipe.describe()
         and r["model"] in args.models
         and r["method"] in args.methods
@@ -1213,27 +681,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if rows:
         write_outputs(args.out_dir, rows, header)
-        print(render_markdown(rows))
+        print(render_markdown(rows, CATALOG))
     print(f"wrote {csv_path}, {args.out_dir / 'results.md'}, {args.out_dir / 'accuracy_vs_sparsity.png'}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = [
-    "CSV_COLUMNS",
-    "METHODS",
-    "SPARSITIES",
-    "Data",
-    "Recipe",
-    "RunSpec",
-    "Scoring",
-    "Split",
-    "load_data",
-    "main",
-    "render_markdown",
-    "render_plot",
-    "run_one",
-]

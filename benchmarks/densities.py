@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_prospr import PruningSettings, compute_masks
 from lightning_prospr.models import ResNet20
-from lightning_prospr.pipeline import compute_masks
 
-METHODS = {
+METHODS: dict[str, dict[str, str]] = {
     "prospr": {"method": "prospr"},
-    "prospr-fo": {"method": "prospr", "first_order": True},
+    "prospr-fo": {"method": "prospr", "mode": "first_order"},
     "snip": {"method": "snip"},
     "grasp": {"method": "grasp"},
     "synflow": {"method": "synflow"},
@@ -83,12 +83,11 @@ def main(argv: list[str] | None = None) -> str:
         collapsed: dict[str, int] = {}
         for name in args.methods:
             start = time.perf_counter()
-            result = compute_masks(model, loss, [(x, y)], sparsity, example_input=x, **METHODS[name])  # type: ignore[arg-type]
+            settings = PruningSettings(sparsity, **METHODS[name])  # type: ignore[arg-type]
+            result = compute_masks(model, loss, [(x, y)], settings, example_input=x)
             seconds[name] = time.perf_counter() - start
-            plain = compute_masks(
-                model, loss, [(x, y)], sparsity, example_input=x, layer_floor=0, keep_connected=False,
-                **METHODS[name],  # type: ignore[arg-type]
-            )  # fmt: skip
+            plain_settings = PruningSettings(sparsity, guard="off", **METHODS[name])  # type: ignore[arg-type]
+            plain = compute_masks(model, loss, [(x, y)], plain_settings, example_input=x)
             collapsed[name] = sum(int(m.sum()) == 0 for m in plain.masks.values())
             table[name] = {n: 100 * m.float().mean().item() for n, m in result.masks.items()}
             print(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the package, also when it is not installed
@@ -90,11 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| call | engine CPU s | hand-written CPU s |")
     print("|---:|---:|---:|")
     for call in range(args.repeats):
-        seconds = []
-        for fn in (engine, handwritten):
-            start = time.process_time()
-            fn()
-            seconds.append(time.process_time() - start)
+        seconds = [timed(fn)[1] for fn in (engine, handwritten)]  # CPU seconds
         print(f"| {call + 1} | {seconds[0]:.3f} | {seconds[1]:.3f} |")
     return 0
 

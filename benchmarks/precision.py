@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 # benchmarks/accuracy.py, beside this script (its folder is sys.path[0] when it runs as a script)
-from accuracy import DATASET_OF, DEFAULT_DATA_ROOT, ROOT, build_model, load_data, loss_fn
+from accuracy import DATASET_OF, ROOT, build_model, loss_fn
+from common.data import DEFAULT_DATA_ROOT, load_data
 from torch import Tensor, nn
 
 if str(ROOT) not in sys.path:  # the package, also when it is not installed

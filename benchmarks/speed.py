@@ -13,11 +13,11 @@ tokens for the Transformer; cross-entropy loss ``loss_fn=lambda m, b: F.cross_en
 
 * **train step**: the baseline, one plain SGD step (``zero_grad``, forward, backward,
   ``optimizer.step``) on the same model and batch.
-* **full**: ``prospr_scores(..., steps=M)``, meta-gradients through ``M`` unrolled steps.
-* **first_order**: ``prospr_scores(..., steps=M, first_order=True)``.
-* **snip**: ``prospr_scores(..., steps=0)``.
-* **recompute** (only when asked for with ``--methods``): ``prospr_scores(..., steps=M,
-  recompute=True)``, the full-mode scores in bounded memory.
+* **full**: `prospr_scores(..., steps=M)`, meta-gradients through `M` unrolled steps.
+* **first_order**: `prospr_scores(..., steps=M, mode="first_order")`.
+* **snip**: `snip_scores(...)` (ProsPr's engine with no inner step).
+* **recompute** (only when asked for with `--methods`): `prospr_scores(..., steps=M,
+  mode="recompute")`, the full-mode scores in bounded memory.
 
 ``--models resnet20-nobn`` adds an ablation: ResNet-20 with every BatchNorm replaced by
 ``nn.Identity``, to measure what train-mode BatchNorm's second derivative costs.
@@ -51,9 +51,8 @@ the workers actually loaded. On CUDA the worker also reports the time with
 ``torch.cuda.synchronize`` and ``torch.cuda.max_memory_allocated`` minus the memory allocated
 before the operation (after ``torch.cuda.reset_peak_memory_stats``).
 
-Workers import ``lightning_prospr.scores`` and ``lightning_prospr.models`` from this checkout
-without running the package ``__init__`` (which imports Lightning, ~5 s per process); the engine
-code measured is the same.
+Workers import the engine from this checkout (`import lightning_prospr` does not import
+Lightning).
 """
 
 from __future__ import annotations
@@ -69,12 +68,14 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.timing import sync, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet20", "vgg16bn", "transformer", "resnet20-nobn")
@@ -93,30 +94,18 @@ RESULT_PREFIX = "SPEED-RESULT "
 # --------------------------------------------------------------------------------------------------
 
 
-def _import_engine() -> tuple[Any, Any]:
-    """``(prospr_scores, models module)`` from this checkout, skipping the package ``__init__``."""
-    if "lightning_prospr" not in sys.modules:
-        package = types.ModuleType("lightning_prospr")
-        package.__path__ = [str(ROOT / "lightning_prospr")]
-        sys.modules["lightning_prospr"] = package
-    try:
-        from lightning_prospr import models
-        from lightning_prospr.scores import prospr_scores
-    except ImportError:  # the engine needs something the package __init__ provides: import it all
-        for name in [m for m in sys.modules if m == "lightning_prospr" or m.startswith("lightning_prospr.")]:
-            del sys.modules[name]
-        sys.path.insert(0, str(ROOT))
-        from lightning_prospr import models
-        from lightning_prospr.scores import prospr_scores
+def _import_engine() -> tuple[Any, Any, Any]:
+    """`(prospr_scores, snip_scores, models module)` of this checkout."""
+    from lightning_prospr import models, prospr_scores, snip_scores
 
-    return prospr_scores, models
+    return prospr_scores, snip_scores, models
 
 
 def _build(model_name: str, batch_size: int, device: Any, seed: int = 0) -> tuple[Any, Any]:
     """The model (train mode) and one ``(inputs, targets)`` batch on ``device``."""
     import torch
 
-    _, models = _import_engine()
+    _, _, models = _import_engine()
     torch.manual_seed(seed)
     if model_name in ("resnet20", "resnet20-nobn"):
         model = models.ResNet20(num_classes=10)
@@ -178,32 +167,16 @@ def _operation(op: str, steps: int, model: Any, batch: Any) -> Callable[[], Any]
     """A zero-argument callable that performs ``op`` once."""
     if op == TRAIN:
         return TrainStep(model, batch)
-    prospr_scores, _ = _import_engine()
+    prospr_scores, snip_scores, _ = _import_engine()
     if op == "full":
         return lambda: prospr_scores(model, _loss_fn, [batch], steps=steps)
     if op == "first_order":
-        return lambda: prospr_scores(model, _loss_fn, [batch], steps=steps, first_order=True)
+        return lambda: prospr_scores(model, _loss_fn, [batch], steps=steps, mode="first_order")
     if op == "snip":
-        return lambda: prospr_scores(model, _loss_fn, [batch], steps=0)
+        return lambda: snip_scores(model, _loss_fn, [batch])
     if op == "recompute":  # full mode by a reverse sweep that rebuilds one step at a time
-        return lambda: prospr_scores(model, _loss_fn, [batch], steps=steps, recompute=True)
+        return lambda: prospr_scores(model, _loss_fn, [batch], steps=steps, mode="recompute")
     raise ValueError(f"unknown method {op!r}; choose from {METHODS}")
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: Any) -> tuple[float, float]:
-    """``(wall seconds, CPU seconds of this process, all threads)`` of one call."""
-    _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _current_rss_kib() -> float:
@@ -294,10 +267,10 @@ def _time_worker(spec: dict[str, Any]) -> dict[str, Any]:
             train.reset()
             train()
             train.reset()
-            wall, cpu = _timed(train, device)
+            wall, cpu = timed(train, device)
             train_times.append(wall)
             train_cpu.append(cpu)
-            wall, cpu = _timed(op, device)
+            wall, cpu = timed(op, device)
             op_times.append(wall)
             op_cpu.append(cpu)
         all_train += train_times
@@ -316,7 +289,7 @@ def _time_worker(spec: dict[str, Any]) -> dict[str, Any]:
         )
     if not all_train:
         train.reset()
-        wall, cpu = _timed(train, device)
+        wall, cpu = timed(train, device)
         all_train, all_train_cpu = [wall], [cpu]
     return {
         "env": _environment(device),
@@ -340,7 +313,7 @@ def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         model(batch[0])
     model.train()
-    _sync(device)
+    sync(device)
     result: dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -348,7 +321,7 @@ def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     peak_before = _peak_rss_kib()
     rss_before = _current_rss_kib()
     op()
-    _sync(device)
+    sync(device)
     peak_after = _peak_rss_kib()
     result["kept_mb"] = (_current_rss_kib() - rss_before) / 1024
     result["rss_before_mb"] = rss_before / 1024
@@ -381,14 +354,14 @@ def _profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
         activities.append(ProfilerActivity.CUDA)
     title = f"{spec['model']} {method} M={steps} batch={spec['batch']}"
     with profile(activities=activities) as prof:
-        _sync(device)
+        sync(device)
         op()
-        _sync(device)
+        sync(device)
     print(f"\n### torch.profiler: {title}, top {spec['rows']} ops by self CPU time\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["rows"]))
     with profile(activities=activities, profile_memory=True) as prof:
         op()
-        _sync(device)
+        sync(device)
     print(f"\n### torch.profiler: {title}, top {spec['rows']} ops by self CPU memory allocated\n")
     print(
         prof.key_averages().table(

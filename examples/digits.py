@@ -4,7 +4,7 @@ Data: scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), which sh
 scikit-learn package. Run::
 
     python examples/digits.py                 # 90% sparsity, ProsPr M=3
-    python examples/digits.py --sparsity 0.98 --steps 0   # SNIP at 98%
+    python examples/digits.py --sparsity 0.98 --method snip   # SNIP at 98%
 """
 
 from __future__ import annotations
@@ -104,15 +104,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights removed")
-    parser.add_argument("--steps", type=int, default=3, help="ProsPr inner steps M (0 = SNIP)")
-    parser.add_argument("--first-order", action="store_true", help="first-order meta-gradients")
+    parser.add_argument("--method", default="prospr", help="prospr, or a baseline: snip, grasp, synflow, ...")
+    parser.add_argument("--steps", type=int, default=3, help="ProsPr inner steps M")
+    parser.add_argument("--mode", default="full", help="ProsPr: full, first_order or recompute")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="lightning_logs")
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
-    pruning = ProsprPruningCallback(sparsity=args.sparsity, steps=args.steps, first_order=args.first_order)
+    pruning = ProsprPruningCallback(
+        sparsity=args.sparsity, method=args.method, steps=args.steps, mode=args.mode
+    )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="auto",

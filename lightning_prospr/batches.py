@@ -19,7 +19,7 @@ _EMPTY = "`batches` is empty: give at least one batch (a list with one batch reu
 
 
 def cycled(items: Sequence[T], count: int) -> list[T]:
-    """``count`` items: ``items`` in order, then again from the start, as often as needed.
+    """`count` items: `items` in order, then again from the start, as often as needed.
 
     Example:
         >>> cycled(["a", "b"], 5)
@@ -31,10 +31,10 @@ def cycled(items: Sequence[T], count: int) -> list[T]:
 
 
 def take_batches(batches: Iterable[Any], count: int) -> list[Any]:
-    """Draw ``count`` batches; when the iterable runs out, cycle over what it gave.
+    """Draw `count` batches; when the iterable runs out, cycle over what it gave.
 
-    So ``[batch]`` means "reuse one batch for every step", and a loader with at least ``count``
-    batches gives a new batch to every step. An empty iterable raises ``ValueError``.
+    So `[batch]` means "reuse one batch for every step", and a loader with at least `count`
+    batches gives a new batch to every step. An empty iterable raises `ValueError`.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -74,5 +74,5 @@ class BatchStream:
         return self._seen[(self._cycled - 1) % len(self._seen)]
 
     def take(self, count: int) -> list[Any]:
-        """The next ``count`` batches."""
+        """The next `count` batches."""
         return [self._next() for _ in range(count)]

@@ -3,10 +3,10 @@
 PyTorch and Lightning have no public way to do a few things the engine and the callback need: run
 an activation-checkpointed segment directly while scoring, watch which tensors an operator reads,
 find a pruning hook's tensor, draw batches from the loader a fit uses. Each private name is a
-:class:`Private` below: where it lives, and what it is used for. A name that a new release renamed
-or removed raises :class:`CompatibilityError`, naming the versions this package was checked with;
-none is ever skipped quietly. The module-level names are checked when :mod:`lightning_prospr` is
-imported (:func:`check_torch`) or when the callback is (:func:`check_lightning`); instance
+`Private` below: where it lives, and what it is used for. A name that a new release renamed
+or removed raises `CompatibilityError`, naming the versions this package was checked with;
+none is ever skipped quietly. The module-level names are checked when `lightning_prospr` is
+imported (`check_torch()`) or when the callback is (`check_lightning()`); instance
 attributes are checked each time they are read.
 """
 
@@ -60,14 +60,14 @@ def _missing(*, where: str, purpose: str) -> CompatibilityError:
 
 @dataclass(frozen=True)
 class Private:
-    """A private module-level name: ``owner`` (an importable module) and its attribute ``names``.
+    """A private module-level name: `owner` (an importable module) and its attribute `names`.
 
     Attributes:
         owner: the module that holds the name.
         names: the attribute, and older spellings of it that are accepted too, newest first.
         purpose: what this package uses it for (for the error message).
-        only_if_imported: checked only once something else imported ``owner`` (a module that a
-            model may or may not use); until then :meth:`resolve` returns ``None``.
+        only_if_imported: checked only once something else imported `owner` (a module that a
+            model may or may not use); until then `resolve()` returns `None`.
     """
 
     owner: str
@@ -76,10 +76,10 @@ class Private:
     only_if_imported: bool = False
 
     def resolve(self) -> tuple[ModuleType, str] | None:
-        """``(module, attribute name)``; ``None`` only for an ``only_if_imported`` owner not imported.
+        """`(module, attribute name)`; `None` only for an `only_if_imported` owner not imported.
 
         Raises:
-            CompatibilityError: the owner exists but none of ``names`` does.
+            CompatibilityError: the owner exists but none of `names` does.
         """
         module = sys.modules.get(self.owner)
         if module is None:
@@ -92,7 +92,7 @@ class Private:
         raise _missing(where=f"{self.owner}.{self.names[0]}", purpose=self.purpose)
 
     def get(self) -> Any:
-        """The object itself (see :meth:`resolve`)."""
+        """The object itself (see `resolve()`)."""
         found = self.resolve()
         if found is None:
             raise _missing(where=f"{self.owner}.{self.names[0]}", purpose=self.purpose)
@@ -126,12 +126,12 @@ _BATCH_HOOK = Private(
     "to run on_before_batch_transfer on the scoring batches as the fit loop does",
 )
 
-#: Checked by :func:`check_torch` (at import of the package).
+#: Checked by `check_torch()` (at import of the package).
 TORCH_NAMES = (REENTRANT_CHECKPOINT, NON_REENTRANT_CHECKPOINT, COMPOSABLE_CHECKPOINT, DISPATCH_MODE)
 
 
 def check_torch() -> None:
-    """Raise :class:`CompatibilityError` unless every private torch name is where it was."""
+    """Raise `CompatibilityError` unless every private torch name is where it was."""
     for private in TORCH_NAMES:
         private.resolve()
     import torch
@@ -140,7 +140,7 @@ def check_torch() -> None:
 
 
 def check_lightning() -> None:
-    """Raise :class:`CompatibilityError` unless every private Lightning class attribute is there."""
+    """Raise `CompatibilityError` unless every private Lightning class attribute is there."""
     module = _BATCH_HOOK.get()
     if not callable(getattr(module, "_on_before_batch_transfer", None)):
         raise _missing(where="LightningModule._on_before_batch_transfer", purpose=_BATCH_HOOK.purpose)
@@ -154,7 +154,7 @@ def _attribute(obj: Any, name: str, where: str, purpose: str) -> Any:
 
 
 def forward_pre_hooks(module: Any) -> dict[int, Any]:
-    """``module._forward_pre_hooks``: the hooks :mod:`torch.nn.utils.prune` registers have no handle
+    """`module._forward_pre_hooks`: the hooks `torch.nn.utils.prune` registers have no handle
     a caller can keep, so finding (and removing) one means reading this dict."""
     hooks = _attribute(
         module, "_forward_pre_hooks", "torch.nn.Module._forward_pre_hooks", "to find pruning hooks"
@@ -165,7 +165,7 @@ def forward_pre_hooks(module: Any) -> dict[int, Any]:
 
 
 def pruned_tensor_name(hook: Any) -> str:
-    """The attribute a :mod:`torch.nn.utils.prune` hook masks (``"weight"``): ``hook._tensor_name``."""
+    """The attribute a `torch.nn.utils.prune` hook masks (`"weight"`): `hook._tensor_name`."""
     return str(
         _attribute(
             hook,
@@ -177,8 +177,8 @@ def pruned_tensor_name(hook: Any) -> str:
 
 
 def train_data_source(trainer: Any) -> Any:
-    """``trainer.fit_loop._data_source``: the one object that knows the train dataloader of a fit
-    whichever way it was given (datamodule, the module's hook, or ``fit(train_dataloaders=...)``)."""
+    """`trainer.fit_loop._data_source`: the one object that knows the train dataloader of a fit
+    whichever way it was given (datamodule, the module's hook, or `fit(train_dataloaders=...)`)."""
     return _attribute(
         trainer.fit_loop,
         "_data_source",
@@ -188,7 +188,7 @@ def train_data_source(trainer: Any) -> Any:
 
 
 def before_batch_transfer(pl_module: Any, batch: Any) -> Any:
-    """``on_before_batch_transfer`` of the datamodule or the module, as the fit loop calls it."""
+    """`on_before_batch_transfer` of the datamodule or the module, as the fit loop calls it."""
     hook = _attribute(
         pl_module,
         "_on_before_batch_transfer",

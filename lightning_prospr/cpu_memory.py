@@ -1,8 +1,8 @@
 """Give the memory that scoring freed on the CPU back to the operating system.
 
 Scoring allocates and frees a few GB of activation-sized tensors (the unrolled steps' graphs).
-glibc's ``malloc`` keeps freed blocks of that size in its heap instead of unmapping them (its
-``mmap`` threshold grows to the largest block freed, up to 32 MiB), so after full-mode scoring of a
+glibc's `malloc` keeps freed blocks of that size in its heap instead of unmapping them (its
+`mmap` threshold grows to the largest block freed, up to 32 MiB), so after full-mode scoring of a
 ResNet-20 at batch 128 the process stays about 1.4 GiB larger for the rest of training, although
 training reuses only a fraction of it. tcmalloc and jemalloc also keep freed pages for a while.
 Each has a call that returns them at once; it takes milliseconds and changes nothing but the
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 __all__ = ["release_freed_memory"]
 
-#: jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.<i>.purge`` with this index purges every arena.
+#: jemalloc's `MALLCTL_ARENAS_ALL`: `arena.<i>.purge` with this index purges every arena.
 _JEMALLOC_ALL_ARENAS = 4096
 
 
@@ -49,13 +49,13 @@ def _releasers() -> tuple[Callable[[], object], ...]:
 def release_freed_memory() -> bool:
     """Return the free pages of the process's C allocator(s) to the operating system.
 
-    Calls glibc's ``malloc_trim(0)``, and, when preloaded, tcmalloc's
-    ``MallocExtension_ReleaseFreeMemory()`` or jemalloc's ``arena.<all>.purge``. Only memory that
+    Calls glibc's `malloc_trim(0)`, and, when preloaded, tcmalloc's
+    `MallocExtension_ReleaseFreeMemory()` or jemalloc's `arena.<all>.purge`. Only memory that
     is already free is returned; live tensors are not touched.
 
     Returns:
-        ``True`` if at least one such call was made, ``False`` where none exists (a platform other
-        than Linux, or a C library without ``malloc_trim`` and no known allocator loaded).
+        `True` if at least one such call was made, `False` where none exists (a platform other
+        than Linux, or a C library without `malloc_trim` and no known allocator loaded).
     """
     releasers = _releasers()
     for release in releasers:

@@ -1,19 +1,19 @@
 """How the model runs while it is scored: eagerly, without activation checkpointing.
 
-Scoring calls the model through :func:`torch.func.functional_call` with the unrolled tensors
+Scoring calls the model through `torch.func.functional_call()` with the unrolled tensors
 substituted for its parameters, and differentiates the result once or twice. Three features that
 speed up or slim down *training* break that, and are switched off for the scoring forward passes
 only (training afterwards uses them as before):
 
-- ``torch.compile``: its AOTAutograd graphs cannot be differentiated twice
-  (:func:`eager_execution`);
-- activation checkpointing (:mod:`torch.utils.checkpoint`): the segment's forward pass is re-run
-  during the backward pass, after ``functional_call`` has put the model's own parameters back, so
-  the gradients would be those of the wrong weights (:func:`without_activation_checkpointing`);
-- fused attention kernels, which have no double backward (:func:`twice_differentiable_attention`);
+- `torch.compile`: its AOTAutograd graphs cannot be differentiated twice
+  (`eager_execution()`);
+- activation checkpointing (`torch.utils.checkpoint`): the segment's forward pass is re-run
+  during the backward pass, after `functional_call` has put the model's own parameters back, so
+  the gradients would be those of the wrong weights (`without_activation_checkpointing()`);
+- fused attention kernels, which have no double backward (`twice_differentiable_attention()`);
 - every other operator whose backward PyTorch cannot differentiate again: an equal-valued form
   that it can, the native kernel instead of cuDNN's, or a clear error before any work is lost
-  (:func:`twice_differentiable_ops`).
+  (`twice_differentiable_ops()`).
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ __all__ = [
 
 @contextmanager
 def eager_execution() -> Iterator[None]:
-    """Run code under :func:`torch.compile` eagerly (``torch.compiler.set_stance("force_eager")``).
+    """Run code under `torch.compile()` eagerly (`torch.compiler.set_stance("force_eager")`).
 
-    Scoring differentiates the model twice, and AOTAutograd, behind every ``torch.compile`` backend
-    but ``"eager"``, refuses that ("torch.compile with aot_autograd does not currently support
+    Scoring differentiates the model twice, and AOTAutograd, behind every `torch.compile` backend
+    but `"eager"`, refuses that ("torch.compile with aot_autograd does not currently support
     double backward"); every unrolled step would also hand the compiled code new tensors to guard
-    on. So the model's forward passes during scoring ignore ``torch.compile`` (on a compiled
+    on. So the model's forward passes during scoring ignore `torch.compile` (on a compiled
     LightningModule, submodule or function alike), and training afterwards runs compiled as before.
-    A no-op on torch < 2.6, which has no ``set_stance``, and inside a region being compiled.
+    A no-op on torch < 2.6, which has no `set_stance`, and inside a region being compiled.
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None or torch.compiler.is_compiling():
@@ -65,7 +65,7 @@ def eager_execution() -> Iterator[None]:
 
 
 class _RunDirectly:
-    """Stands in for ``torch.utils.checkpoint.CheckpointFunction``: call the segment, keep its graph."""
+    """Stands in for `torch.utils.checkpoint.CheckpointFunction`: call the segment, keep its graph."""
 
     @staticmethod
     def apply(function: Any, preserve_rng_state: bool, *args: Any) -> Any:
@@ -78,7 +78,7 @@ def _no_recomputation(*args: Any, **kwargs: Any) -> Iterator[None]:
 
 
 #: The private checkpoint internals replaced while scoring, each with its stand-in (see
-#: :mod:`~lightning_prospr.compat`: a missing one raises instead of being skipped).
+#: [`compat`][lightning_prospr.compat]: a missing one raises instead of being skipped).
 _CHECKPOINT_INTERNALS: tuple[tuple[Private, Any], ...] = (
     (REENTRANT_CHECKPOINT, _RunDirectly),  # use_reentrant=True
     (NON_REENTRANT_CHECKPOINT, _no_recomputation),  # use_reentrant=False
@@ -88,16 +88,16 @@ _CHECKPOINT_INTERNALS: tuple[tuple[Private, Any], ...] = (
 
 @contextmanager
 def without_activation_checkpointing() -> Iterator[None]:
-    """Run segments wrapped in :func:`torch.utils.checkpoint.checkpoint` as plain code.
+    """Run segments wrapped in `torch.utils.checkpoint.checkpoint()` as plain code.
 
     A checkpointed segment keeps only its inputs and re-runs its forward pass when the backward pass
     needs its activations. During scoring that re-run would happen after
-    :func:`torch.func.functional_call` has put the model's own parameters back, so the activations,
-    and the scores, would belong to :math:`\\theta_0` instead of the unrolled :math:`w_t` (silently,
-    for ``use_reentrant=False``); with ``use_reentrant=True`` the segment's parameters would get no
-    gradient at all under :func:`torch.autograd.grad`. Inside this context both variants (and
-    :func:`~torch.utils.checkpoint.checkpoint_sequential`, and the composable ``checkpoint`` of
-    ``torch.distributed``) call the segment directly and keep its activations, as without
+    `torch.func.functional_call()` has put the model's own parameters back, so the activations,
+    and the scores, would belong to $\\theta_0$ instead of the unrolled $w_t$ (silently,
+    for `use_reentrant=False`); with `use_reentrant=True` the segment's parameters would get no
+    gradient at all under `torch.autograd.grad()`. Inside this context both variants (and
+    `checkpoint_sequential()`, and the composable `checkpoint` of
+    `torch.distributed`) call the segment directly and keep its activations, as without
     checkpointing: the scoring forward needs the memory of an uncheckpointed model
     (`mode="recompute"` or `mode="first_order"` bound it). Training is not affected.
 
@@ -120,11 +120,11 @@ def without_activation_checkpointing() -> Iterator[None]:
 
 
 def twice_differentiable_attention() -> AbstractContextManager[object]:
-    """Restrict :func:`torch.nn.functional.scaled_dot_product_attention` to its math backend.
+    """Restrict `torch.nn.functional.scaled_dot_product_attention()` to its math backend.
 
     The fused flash and memory-efficient kernels have no double backward ("derivative for
     aten::_scaled_dot_product_flash_attention..._backward is not implemented"), so second-order
-    unrolls through attention layers (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``, or a
+    unrolls through attention layers (`nn.MultiheadAttention`, `nn.TransformerEncoderLayer`, or a
     direct call) need the math implementation. Training itself is not affected.
     """
     try:
@@ -137,7 +137,7 @@ def twice_differentiable_attention() -> AbstractContextManager[object]:
 
 
 def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
-    """:func:`torch.nn.functional.hardsigmoid` as ``relu6(x + 3) / 6``: the same values and the same
+    """`torch.nn.functional.hardsigmoid()` as `relu6(x + 3) / 6`: the same values and the same
     gradient (zero outside (-3, 3)), and a backward pass that can be differentiated again."""
     value = F.relu6(input + 3.0) / 6.0
     return input.copy_(value) if inplace else value
@@ -145,7 +145,7 @@ def _hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
 
 #: Operators whose backward PyTorch cannot differentiate again (torch 2.14, CPU and CUDA), each
 #: with an equal-valued form that it can. Checked by the tests: the operator itself fails a double
-#: backward, its form passes ``gradgradcheck`` and gives the same values.
+#: backward, its form passes `gradgradcheck` and gives the same values.
 EQUIVALENT_FORMS: dict[Callable[..., Any], Callable[..., Any]] = {F.hardsigmoid: _hardsigmoid}
 
 #: Operators with no double backward and no equivalent form here: second-order scoring stops at
@@ -171,7 +171,7 @@ def _on_cuda(args: Any) -> bool:
 
 
 def _calling_layer(model: nn.Module | None) -> str:
-    """The innermost submodule of ``model`` whose code is running (from the Python stack)."""
+    """The innermost submodule of `model` whose code is running (from the Python stack)."""
     if model is None:
         return "the model"
     names = {id(m): name for name, m in model.named_modules()}
@@ -216,20 +216,21 @@ class _TwiceDifferentiableOps(TorchFunctionMode):
 def twice_differentiable_ops(model: nn.Module | None = None) -> AbstractContextManager[object]:
     """Make every operator the loss calls twice differentiable, or refuse it clearly.
 
-    Inside the context, :func:`torch.nn.functional.hardsigmoid` (``nn.Hardsigmoid``, MobileNetV3's
-    squeeze-excitation gates) is computed as ``relu6(x + 3) / 6`` (:data:`EQUIVALENT_FORMS`); on
+    Inside the context, `torch.nn.functional.hardsigmoid()` (`nn.Hardsigmoid`, MobileNetV3's
+    squeeze-excitation gates) is computed as `relu6(x + 3) / 6` (`EQUIVALENT_FORMS`); on
     CUDA, cuDNN's RNNs and grid sampler run the native kernels; the operators of
-    :data:`NOT_TWICE_DIFFERENTIABLE` raise :class:`~lightning_prospr.errors.NotTwiceDifferentiableError`
-    naming the operator and the layer of ``model`` that called it, and suggesting first-order
-    mode. Everything else runs as it is. Training is not affected.
+    `NOT_TWICE_DIFFERENTIABLE` raise
+    [`NotTwiceDifferentiableError`][lightning_prospr.errors.NotTwiceDifferentiableError] naming the
+    operator and the layer of `model` that called it, and suggesting first-order mode. Everything
+    else runs as it is. Training is not affected.
     """
     return _TwiceDifferentiableOps(model)
 
 
 @contextmanager
 def scoring_execution(second_order: bool = True, model: nn.Module | None = None) -> Iterator[None]:
-    """All of the above for one scoring forward pass of ``model`` (attention and operators made
-    twice differentiable only if ``second_order``)."""
+    """All of the above for one scoring forward pass of `model` (attention and operators made
+    twice differentiable only if `second_order`)."""
     with ExitStack() as stack:
         stack.enter_context(eager_execution())
         stack.enter_context(without_activation_checkpointing())

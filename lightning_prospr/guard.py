@@ -4,13 +4,13 @@ At extreme sparsity a global top-k can remove every weight of a layer (layer col
 the network's output no longer depends on its input and it cannot train. The guard repairs a mask
 set in place of plain top-k, keeping the number of removed weights exactly the same:
 
-1. **Floor**: every scored tensor keeps at least ``min(layer_floor, numel)`` weights (its best-scored).
+1. **Floor**: every scored tensor keeps at least `min(layer_floor, numel)` weights (its best-scored).
 2. **Connectivity** (given the model, its loss and a batch): a weight is *on a path* when the
-   linearized network (:mod:`~lightning_prospr.linearized`: every scored weight replaced by
-   :math:`|\\theta| \\odot m`, biases set to 0, the batch's floating-point tensors all ones,
+   linearized network ([`linearized`][lightning_prospr.linearized]: every scored weight replaced by
+   $|\\theta| \\odot m$, biases set to 0, the batch's floating-point tensors all ones,
    saturating activations made linear), run through the user's own loss, has
-   :math:`\\partial R / \\partial q \\ne 0` there, with :math:`R` the sum of the predictions handed
-   to the loss (:func:`~lightning_prospr.linearized.path_gradients`): a positive network carries
+   $\\partial R / \\partial q \\ne 0$ there, with $R$ the sum of the predictions handed
+   to the loss ([`path_gradients()`][lightning_prospr.linearized.path_gradients]): a positive network carries
    signal from input to output exactly along paths of kept weights. Every
    tensor that is on a path in the dense network must keep at least one weight on a path. A
    tensor with none gets its best-scored pruned weight whose addition would complete a path. When
@@ -43,13 +43,13 @@ __all__ = ["GuardReport", "Paths", "guard_masks", "path_gradients"]
 
 @dataclass
 class GuardReport:
-    """What the guard changed (weights ``added`` and ``removed`` per tensor) and what it checked."""
+    """What the guard changed (weights `added` and `removed` per tensor) and what it checked."""
 
     added: dict[str, int] = field(default_factory=dict)
     removed: dict[str, int] = field(default_factory=dict)
     connectivity_checked: bool = False
     connected: bool = True
-    #: Why the connectivity check did not run, when it could not (``None`` when it ran or was off).
+    #: Why the connectivity check did not run, when it could not (`None` when it ran or was off).
     skipped: str | None = None
     #: Tensors exempt from the connectivity check: no path reaches them even in the dense network.
     unchecked: tuple[str, ...] = ()
@@ -108,7 +108,7 @@ class _Repair:
 
     # 2. Connectivity.
     def start_probe(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
-        """Run the dense linearized pass; on success, later calls of :meth:`paths` use it."""
+        """Run the dense linearized pass; on success, later calls of `paths()` use it."""
         probe = Probe(model, loss_fn, batch)
         ones = {n: torch.ones_like(m) for n, m in self.masks.items()}
         try:
@@ -242,26 +242,26 @@ def guard_masks(
     loss_fn: LossFn | None = None,
     batch: Any = None,
 ) -> tuple[dict[str, Tensor], GuardReport]:
-    """Repair ``masks`` (from :func:`~lightning_prospr.selection.global_masks` on ``scores``) so that
-    no tensor collapses and, given ``model``, ``loss_fn`` and a ``batch``, every tensor keeps a
+    """Repair `masks` (from [`global_masks()`][lightning_prospr.selection.global_masks] on `scores`) so that
+    no tensor collapses and, given `model`, `loss_fn` and a `batch`, every tensor keeps a
     weight on a path from the batch to the loss. The number of kept weights is unchanged.
 
     Args:
         scores: the scores the masks were selected from (higher = more important).
-        masks: ``{name: bool keep-mask}``.
+        masks: `{name: bool keep-mask}`.
         layer_floor: minimum weights kept per tensor (capped at its size); 0 disables the floor.
         model: the network, for the connectivity check (left exactly as it was; it needs no
-            ``forward``: the check runs ``loss_fn``, see :func:`path_gradients`).
-        loss_fn: ``loss_fn(model, batch) -> loss``, the same loss that was scored.
+            `forward`: the check runs `loss_fn`, see `path_gradients()`).
+        loss_fn: `loss_fn(model, batch) -> loss`, the same loss that was scored.
         batch: one batch of the scoring data.
 
     Where the linearized loss pass cannot run (it raises) or finds no path at all, the check is
-    skipped and :attr:`GuardReport.skipped` says why; tensors that carry no signal from the batch
-    even in the dense network are exempt from it and listed in :attr:`GuardReport.unchecked`. The
+    skipped and `GuardReport.skipped` says why; tensors that carry no signal from the batch
+    even in the dense network are exempt from it and listed in `GuardReport.unchecked`. The
     guard itself never raises for a model it cannot check.
 
     Returns:
-        The repaired masks (new tensors) and a :class:`GuardReport`.
+        The repaired masks (new tensors) and a `GuardReport`.
     """
     repair = _Repair(scores, masks, layer_floor)
     if repair.kept_total == 0:

@@ -31,7 +31,7 @@ def logging_disabled(pl_module: pl.LightningModule) -> Iterator[None]:
 class ModuleLoss:
     """`loss(model, (batch_idx, batch))`: the module's `prospr_loss`, else its `training_step`,
     under the precision plugin's autocast. What it returns (a tensor or a dict with `"loss"`) is
-    checked by the engine, which calls it by :attr:`source` in its messages.
+    checked by the engine, which calls it by `source` in its messages.
 
     Args:
         trainer: the fit's trainer (its precision plugin).

@@ -2,31 +2,27 @@
 
 The layer-collapse guard asks which weights lie on a path from the input to the loss. In a network
 whose every weight and activation is non-negative, signal flows exactly along the paths of kept
-weights, so :math:`\\partial R / \\partial q \\ne 0` marks them (SynFlow's observation). The loss
-pass is the user's (``loss_fn(model, batch)``, e.g. ``training_step``), run through
-:func:`torch.func.functional_call`, so the model needs no ``forward``. Inside it:
+weights, so $\\partial R / \\partial q \\ne 0$ marks them (SynFlow's observation). The loss
+pass is the user's (`loss_fn(model, batch)`, e.g. `training_step`), run through
+`torch.func.functional_call()`, so the model needs no `forward`. Inside it:
 
-=================================  ==============================================================
-what                               becomes
-=================================  ==============================================================
-scored weight :math:`\\theta`        :math:`|\\theta| \\odot m`
-other parameters and buffers       their absolute value; exact zeros (a zero-initialised norm
-                                   scale, as timm's ResNets have) become 1
-biases, BatchNorm shifts and       0 (a constant would light up units no input reaches)
-running means
-running variances                  1
-floating-point batch tensors       ones (token ids, labels and masks of integers are kept)
-saturating activations (sigmoid,   the identity: a positive network saturates them, and a flat
-hardsigmoid, tanh, hardtanh,       activation would cut every path through it (MobileNet's
-relu6, softsign)                   squeeze-excitation gates, ReLU6)
-softmax, log-softmax, attention    tempered: scores divided by their largest magnitude, so that no
-(``scaled_dot_product_attention``)  attention weight underflows to 0
-layer, group and instance norm     scale only (no centering), which keeps the signal positive
-casts to float32 / float16         none: the pass runs in float64 throughout
-=================================  ==============================================================
+- scored weights $\\theta$ become $|\\theta| \\odot m$;
+- other parameters and buffers become their absolute value, and exact zeros (a zero-initialised
+  norm scale, as timm's ResNets have) become 1;
+- biases, BatchNorm shifts and running means become 0 (a constant would light up units no input
+  reaches), running variances 1;
+- floating-point batch tensors become ones (token ids, labels and masks of integers are kept);
+- saturating activations (sigmoid, hardsigmoid, tanh, hardtanh, relu6, softsign) become the
+  identity: a positive network saturates them, and a flat activation would cut every path through
+  it (MobileNet's squeeze-excitation gates, ReLU6);
+- softmax, log-softmax and attention (`scaled_dot_product_attention`) are tempered: the scores are
+  divided by their largest magnitude, so that no attention weight underflows to 0;
+- layer, group and instance norm keep their scaling only (no centering), which keeps the signal
+  positive;
+- casts to float32 or float16 do nothing: the pass runs in float64 throughout;
 
-and the model runs in eval mode. :math:`R` is the sum of the predictions handed to loss functions
-(``F.cross_entropy``, ``F.mse_loss``, ..., and the loss modules that call them), or the loss itself
+and the model runs in eval mode. $R$ is the sum of the predictions handed to loss functions
+(`F.cross_entropy`, `F.mse_loss`, ..., and the loss modules that call them), or the loss itself
 when the pass calls none of those. Parameters that add an input-independent constant and are not
 named as biases (positional tables, class tokens) count as inputs: paths that start there are
 taken as paths.
@@ -58,7 +54,7 @@ def _is_shift(name: str) -> bool:
 
 
 def _positive(t: Tensor) -> Tensor:
-    """``|t|`` in float64, with exact zeros (zero-initialised scales) replaced by 1."""
+    """`|t|` in float64, with exact zeros (zero-initialised scales) replaced by 1."""
     a = t.detach().abs().double()
     return torch.where(a == 0, torch.ones_like(a), a)
 
@@ -97,8 +93,8 @@ def linearized_tensors(model: nn.Module, scored: set[str]) -> dict[str, Tensor]:
 
 
 def positive_batch(batch: Any, one_sample: bool) -> Any:
-    """``batch`` with every floating-point tensor replaced by float64 ones (integer inputs such as
-    token ids and labels kept), cut to its first sample when ``one_sample``."""
+    """`batch` with every floating-point tensor replaced by float64 ones (integer inputs such as
+    token ids and labels kept), cut to its first sample when `one_sample`."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, Tensor):
@@ -124,7 +120,7 @@ def positive_batch(batch: Any, one_sample: bool) -> Any:
 
 
 def batch_sizes(batch: Any) -> set[int]:
-    """The first dimensions of the tensors in ``batch``."""
+    """The first dimensions of the tensors in `batch`."""
     if isinstance(batch, Tensor):
         return {batch.shape[0]} if batch.dim() >= 1 else set()
     if isinstance(batch, (list, tuple)):
@@ -144,7 +140,7 @@ def _identity(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
 
 
 def _tempered(scores: Tensor, dim: int) -> Tensor:
-    """``scores`` divided by their largest finite magnitude along ``dim`` (at least 1, detached)."""
+    """`scores` divided by their largest finite magnitude along `dim` (at least 1, detached)."""
     finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
     return scores / finite.abs().amax(dim=dim, keepdim=True).clamp_min(1.0).detach()
 
@@ -174,7 +170,7 @@ def _attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> Tensor:
-    """``F.scaled_dot_product_attention`` without dropout and with a tempered softmax."""
+    """`F.scaled_dot_product_attention` without dropout and with a tempered softmax."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
@@ -286,16 +282,16 @@ def _to_float64(value: Any) -> Any:
 
 
 def _mixes_float64(args: tuple[Any, ...]) -> bool:
-    """Whether a float64 tensor meets a lower-precision floating-point one among ``args``."""
+    """Whether a float64 tensor meets a lower-precision floating-point one among `args`."""
     kinds = {a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point() and a.dim() > 0}
     return torch.float64 in kinds and len(kinds) > 1
 
 
 class _LinearizedOps(TorchFunctionMode):
-    """Inside the linearized loss pass: the stand-ins of :data:`STAND_INS`, float64 throughout
-    (through the casts of the user's code, ``x.float()`` or ``.to(self.dtype)``, and where a
-    float64 tensor meets a float32 one that the batch brought in a container :func:`positive_batch`
-    does not know), and the predictions handed to loss functions collected in :attr:`found`."""
+    """Inside the linearized loss pass: the stand-ins of `STAND_INS`, float64 throughout
+    (through the casts of the user's code, `x.float()` or `.to(self.dtype)`, and where a
+    float64 tensor meets a float32 one that the batch brought in a container `positive_batch()`
+    does not know), and the predictions handed to loss functions collected in `found`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -337,12 +333,12 @@ class Paths:
     """Signal flow in the linearized network under some masks.
 
     Attributes:
-        grads: :math:`\\partial R / \\partial q` per masked tensor (non-zero exactly where a weight,
+        grads: $\\partial R / \\partial q$ per masked tensor (non-zero exactly where a weight,
             kept or not, would lie on an input-to-output path).
-        upstream: per masked tensor, a bool tensor broadcastable to the weight: ``True`` where the
+        upstream: per masked tensor, a bool tensor broadcastable to the weight: `True` where the
             weight's input feature carries signal from the input (Linear, Conv and ConvTranspose
-            layers and Hugging Face's ``Conv1D`` only).
-        total: :math:`R`.
+            layers and Hugging Face's `Conv1D` only).
+        total: $R$.
     """
 
     grads: dict[str, Tensor]
@@ -350,13 +346,13 @@ class Paths:
     total: float
 
     def on_path(self, name: str, mask: Tensor) -> int:
-        """Kept weights of ``name`` that lie on an input-to-output path."""
+        """Kept weights of `name` that lie on an input-to-output path."""
         return int(((self.grads[name] != 0) & mask).sum())
 
 
 def _input_features(module: nn.Module, inputs: tuple[Any, ...], weight: Tensor) -> Tensor | None:
-    """Which input features of ``module`` (the layer owning ``weight``) carry signal, shaped to
-    broadcast against the weight; ``None`` for a layer this cannot tell."""
+    """Which input features of `module` (the layer owning `weight`) carry signal, shaped to
+    broadcast against the weight; `None` for a layer this cannot tell."""
     x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
     if x is None or x.dim() < 2:
         return None
@@ -377,10 +373,10 @@ def _input_features(module: nn.Module, inputs: tuple[Any, ...], weight: Tensor) 
 def path_gradients(
     model: nn.Module, masks: Mapping[str, Tensor], loss_fn: LossFn, batch: Any, one_sample: bool = True
 ) -> Paths:
-    """Where signal flows from the batch to the loss in the linearized network with ``masks``.
+    """Where signal flows from the batch to the loss in the linearized network with `masks`.
 
     See the module docstring for the network. The batch is cut to its first sample when
-    ``one_sample`` and all of its tensors share their first dimension. The model is left as it was
+    `one_sample` and all of its tensors share their first dimension. The model is left as it was
     (tensors are substituted, never written; train/eval flags and RNG restored).
 
     Example:
@@ -451,7 +447,7 @@ def path_gradients(
 
 
 class Probe:
-    """:func:`path_gradients` on one batch: on one sample where the loss runs on it, else on all."""
+    """`path_gradients()` on one batch: on one sample where the loss runs on it, else on all."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> None:
         self.model, self.loss_fn, self.batch = model, loss_fn, batch

@@ -1,9 +1,9 @@
-"""Masks <-> :mod:`torch.nn.utils.prune`: apply, read back, take off, make permanent.
+"""Masks <-> `torch.nn.utils.prune`: apply, read back, take off, make permanent.
 
-A weight ``"layer.weight"`` pruned here carries the usual re-parametrization: the original
-``Parameter`` moves to ``layer.weight_orig`` (same object, so optimizers built earlier keep
-training it), a float buffer ``layer.weight_mask`` holds the mask, and a forward pre-hook sets
-``layer.weight = weight_orig * weight_mask`` before every forward.
+A weight `"layer.weight"` pruned here carries the usual re-parametrization: the original
+`Parameter` moves to `layer.weight_orig` (same object, so optimizers built earlier keep
+training it), a float buffer `layer.weight_mask` holds the mask, and a forward pre-hook sets
+`layer.weight = weight_orig * weight_mask` before every forward.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["apply_masks", "current_masks", "make_permanent", "plain_state_dict",
 
 
 def split_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """``"block.0.weight"`` -> (the ``block.0`` submodule, ``"weight"``)."""
+    """`"block.0.weight"` -> (the `block.0` submodule, `"weight"`)."""
     module_name, _, attr = name.rpartition(".")
     return model.get_submodule(module_name), attr
 
@@ -37,7 +37,7 @@ def _hook(module: nn.Module, attr: str) -> prune.BasePruningMethod | None:
 
 
 def _aliases(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
-    """Every (module, attribute) that holds the same Parameter as ``name`` (tied weights)."""
+    """Every (module, attribute) that holds the same Parameter as `name` (tied weights)."""
     module, attr = split_name(model, name)
     param = _own_parameter(module, attr)
     if param is None:
@@ -51,7 +51,7 @@ def _aliases(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
 
 
 def _own_parameter(module: nn.Module, attr: str) -> nn.Parameter | None:
-    """``module``'s own parameter ``attr``, or ``attr + "_orig"`` when it is under a pruning mask."""
+    """`module`'s own parameter `attr`, or `attr + "_orig"` when it is under a pruning mask."""
     own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
     return own.get(f"{attr}_orig", own.get(attr))
 
@@ -61,12 +61,12 @@ _REFRESH: WeakKeyDictionary[nn.Module, dict[str, list[RemovableHandle]]] = WeakK
 
 
 def _install_refresh(model: nn.Module, module: nn.Module, attr: str) -> None:
-    """Recompute ``module.<attr> = <attr>_orig * <attr>_mask`` before the forward of every ancestor.
+    """Recompute `module.<attr> = <attr>_orig * <attr>_mask` before the forward of every ancestor.
 
-    ``torch.nn.utils.prune`` refreshes the attribute only in ``module``'s own forward pre-hook, but
-    some modules read a child's weight without calling the child: ``nn.MultiheadAttention`` passes
-    ``out_proj.weight`` to a functional kernel, ``nn.TransformerEncoderLayer``'s fast path reads it
-    too, and a tied weight may be used through ``F.linear``. Without a refresh those forwards see a
+    `torch.nn.utils.prune` refreshes the attribute only in `module`'s own forward pre-hook, but
+    some modules read a child's weight without calling the child: `nn.MultiheadAttention` passes
+    `out_proj.weight` to a functional kernel, `nn.TransformerEncoderLayer`'s fast path reads it
+    too, and a tied weight may be used through `F.linear`. Without a refresh those forwards see a
     stale tensor (and backpropagate through a freed graph).
     """
     paths = [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
@@ -93,14 +93,14 @@ def _remove_refresh(module: nn.Module, attr: str) -> None:
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    """Register each keep-mask with :func:`torch.nn.utils.prune.custom_from_mask`.
+    """Register each keep-mask with `torch.nn.utils.prune.custom_from_mask()`.
 
-    The effective weight becomes ``weight_orig * mask`` from the next forward on, and the
-    ``weight`` attribute is updated at once. A weight shared by several modules (tied weights) is
+    The effective weight becomes `weight_orig * mask` from the next forward on, and the
+    `weight` attribute is updated at once. A weight shared by several modules (tied weights) is
     masked in each of them. A weight that is already pruned gets the masks composed (multiplied)
-    by ``torch.nn.utils.prune``'s container. The masked attribute is also refreshed before the
+    by `torch.nn.utils.prune`'s container. The masked attribute is also refreshed before the
     forward of every ancestor module, for modules that read a child's weight without calling it
-    (``nn.MultiheadAttention``'s ``out_proj``).
+    (`nn.MultiheadAttention`'s `out_proj`).
     """
     for name, mask in masks.items():
         for module, attr in _aliases(model, name):
@@ -118,7 +118,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 
 
 def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
-    """The keep-masks registered on ``model`` (``{name: bool tensor}``), for ``names`` or all."""
+    """The keep-masks registered on `model` (`{name: bool tensor}`), for `names` or all."""
     found = {}
     for module_name, module in model.named_modules():
         for buffer_name, buf in module.named_buffers(recurse=False):
@@ -132,10 +132,10 @@ def current_masks(model: nn.Module, names: list[str] | None = None) -> dict[str,
 
 
 def remove_masks(model: nn.Module, names: list[str], bake: bool = True) -> None:
-    """Take the re-parametrization off and restore plain ``weight`` parameters.
+    """Take the re-parametrization off and restore plain `weight` parameters.
 
-    The same ``Parameter`` object comes back, so optimizers keep working. With ``bake=True`` (what
-    :func:`torch.nn.utils.prune.remove` does) the zeros are written into it; with ``bake=False`` it
+    The same `Parameter` object comes back, so optimizers keep working. With `bake=True` (what
+    `torch.nn.utils.prune.remove()` does) the zeros are written into it; with `bake=False` it
     keeps the values it had under the mask. Names without a re-parametrization are skipped; tied
     weights are restored in every module that shares them.
     """
@@ -161,11 +161,11 @@ def remove_masks(model: nn.Module, names: list[str], bake: bool = True) -> None:
 
 
 def plain_state_dict(model: nn.Module, names: list[str]) -> list[RemovableHandle]:
-    """Make the masked weights ``names`` save and load as plain ``weight`` entries.
+    """Make the masked weights `names` save and load as plain `weight` entries.
 
-    ``state_dict()`` then holds ``weight = weight_orig * weight_mask`` instead of the two pruning
-    tensors, so it loads into the same model without pruning; and ``load_state_dict`` accepts such
-    plain entries (the mask in place is kept). Returns the hook handles; ``.remove()`` them to undo.
+    `state_dict()` then holds `weight = weight_orig * weight_mask` instead of the two pruning
+    tensors, so it loads into the same model without pruning; and `load_state_dict` accepts such
+    plain entries (the mask in place is kept). Returns the hook handles; `.remove()` them to undo.
     """
     handles = []
     for name in names:
@@ -198,7 +198,7 @@ class _PlainLoad:
 
 
 def make_permanent(model: nn.Module) -> list[str]:
-    """Remove every pruning re-parametrization on ``model``, keeping the zeros; returns the names."""
+    """Remove every pruning re-parametrization on `model`, keeping the zeros; returns the names."""
     names = list(current_masks(model))
     remove_masks(model, names)
     return names
@@ -206,7 +206,7 @@ def make_permanent(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def effective_weight(model: nn.Module, name: str) -> Tensor:
-    """The weight as the forward pass sees it (``weight_orig * weight_mask`` when pruned)."""
+    """The weight as the forward pass sees it (`weight_orig * weight_mask` when pruned)."""
     module, attr = split_name(model, name)
     orig = getattr(module, f"{attr}_orig", None)
     if orig is None:

@@ -184,7 +184,6 @@ def _ones(settings: PruningSettings) -> int:
     return 1
 
 
-#: The methods by name.
 METHODS: dict[str, Method] = {
     "prospr": Method(
         "prospr",
@@ -248,3 +247,4 @@ METHODS: dict[str, Method] = {
         structured=True,
     ),
 }
+"""The methods by name: `"prospr"`, `"snip"`, `"grasp"`, `"synflow"`, `"magnitude"`, `"random"`."""

@@ -1,18 +1,19 @@
 """Reference architectures of the ProsPr experiments, in plain PyTorch.
 
 These are the networks that pruning-at-initialization papers (SNIP, GraSP, SynFlow, ProsPr) report
-on, written as ordinary :class:`torch.nn.Module` classes with no dependency beyond ``torch``, so that
+on, written as ordinary `torch.nn.Module` classes with no dependency beyond `torch`, so that
 tests, benchmarks and examples can use the same shapes as the paper:
 
-- :class:`LeNet300100`: ``(N, 784)`` or ``(N, 1, 28, 28)`` inputs, 266,610 parameters;
-- :class:`LeNet5`: ``(N, 1, 28, 28)``, 61,706 parameters;
-- :class:`ResNet20`: ``(N, 3, 32, 32)``, 269,722 parameters (the paper's "0.27M");
-- :class:`VGG16BN`: ``(N, 3, 32, 32)``, 14,724,042 parameters;
-- :class:`TinyTransformerEncoder`: ``(N, L)`` token ids, 532,994 parameters with the defaults.
+- `LeNet300100`: `(N, 784)` or `(N, 1, 28, 28)` inputs, 266,610 parameters;
+- `LeNet5`: `(N, 1, 28, 28)`, 61,706 parameters;
+- `ResNet20`: `(N, 3, 32, 32)`, 269,722 parameters (the paper's "0.27M");
+- `VGG16BN`: `(N, 3, 32, 32)`, 14,724,042 parameters;
+- `TinyTransformerEncoder`: `(N, L)` token ids, 532,994 parameters with the defaults.
 
-(counts for 10 classes, 2 for the Transformer). :func:`lightning_prospr.prospr_scores` scores the
-weight matrices (Linear and Conv weights, attention projections) by default; biases, BatchNorm
-and LayerNorm parameters and embeddings are updated in the inner loop but not pruned.
+(counts for 10 classes, 2 for the Transformer).
+[`prospr_scores`][lightning_prospr.scores.prospr_scores] scores the weight matrices (Linear and Conv
+weights, attention projections) by default; biases, BatchNorm and LayerNorm parameters and
+embeddings are updated in the inner loop but not pruned.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _kaiming_init(module: nn.Module) -> None:
 
 
 class LeNet300100(nn.Module):
-    """The LeNet-300-100 multilayer perceptron (LeCun et al., 1998): ``in_features``-300-100-classes.
+    """The LeNet-300-100 multilayer perceptron (LeCun et al., 1998): `in_features`-300-100-classes.
 
-    Images are flattened, so MNIST batches of shape ``(N, 1, 28, 28)`` work as they are.
+    Images are flattened, so MNIST batches of shape `(N, 1, 28, 28)` work as they are.
 
     Args:
         in_features: size of the flattened input (784 for MNIST).
@@ -71,7 +72,7 @@ class LeNet300100(nn.Module):
 class LeNet5(nn.Module):
     """The classic LeNet-5: conv 6 and conv 16 (5x5 kernels, ReLU, 2x2 max pooling), then 120-84-classes.
 
-    The first convolution uses ``padding=2``, so a 28x28 MNIST image becomes the 32x32 input of the
+    The first convolution uses `padding=2`, so a 28x28 MNIST image becomes the 32x32 input of the
     original design and the feature map before the classifier is 16x5x5.
 
     Args:
@@ -100,11 +101,11 @@ class OptionAShortcut(nn.Module):
     """The parameter-free "option A" shortcut of the CIFAR ResNets (He et al., 2016, section 4.2).
 
     Subsamples the input with stride 2 and pads the new channels with zeros, equally on both
-    sides: ``(N, C, H, W) -> (N, C + 2 * pad, ceil(H / 2), ceil(W / 2))``.
+    sides: `(N, C, H, W) -> (N, C + 2 * pad, ceil(H / 2), ceil(W / 2))`.
 
     Args:
-        pad: number of zero channels added on each side (``out_channels - in_channels`` must be
-            ``2 * pad``).
+        pad: number of zero channels added on each side (`out_channels - in_channels` must be
+            `2 * pad`).
     """
 
     def __init__(self, pad: int) -> None:
@@ -148,7 +149,7 @@ class ResNet20(nn.Module):
     channels (stride 2 at the start of the second and third), global average pooling and one Linear
     layer: 1 + 3 * 3 * 2 + 1 = 20 weighted layers. Every convolution is followed by BatchNorm and
     has no bias. Shortcuts that change the shape use option A (stride-2 subsampling and zero
-    channel padding, :class:`OptionAShortcut`), so they have no parameters and nothing to prune.
+    channel padding, `OptionAShortcut`), so they have no parameters and nothing to prune.
     Conv and Linear weights use He-normal initialization.
 
     Args:
@@ -179,7 +180,7 @@ class ResNet20(nn.Module):
         return self.linear(out)
 
 
-#: VGG-16 feature configuration: output channels of each 3x3 conv, ``"M"`` for 2x2 max pooling.
+#: VGG-16 feature configuration: output channels of each 3x3 conv, `"M"` for 2x2 max pooling.
 VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
@@ -188,8 +189,8 @@ VGG16_CFG: tuple[int | str, ...] = (
 class VGG16BN(nn.Module):
     """VGG-16 with BatchNorm for 32x32 inputs, as used in the pruning-at-initialization literature.
 
-    Thirteen 3x3 conv (no bias) - BatchNorm - ReLU layers in the :data:`VGG16_CFG` layout, five 2x2
-    max pools (32x32 -> 1x1), global average pooling and a **single** ``Linear(512, num_classes)``
+    Thirteen 3x3 conv (no bias) - BatchNorm - ReLU layers in the `VGG16_CFG` layout, five 2x2
+    max pools (32x32 -> 1x1), global average pooling and a **single** `Linear(512, num_classes)`
     classifier. The single-Linear head follows the CIFAR VGGs of SNIP/GraSP/SynFlow and the ProsPr
     code (which replaces torchvision's three-layer 4096-wide ImageNet head by one Linear for small
     inputs); it keeps the network at 14.7M parameters, nearly all in the convolutions, which is the
@@ -230,27 +231,27 @@ class VGG16BN(nn.Module):
 class TinyTransformerEncoder(nn.Module):
     """A small Transformer encoder for sequence classification.
 
-    Token embedding plus a learned position embedding, ``num_layers`` post-norm
-    :class:`torch.nn.TransformerEncoderLayer` blocks (``batch_first=True``, feed-forward width
-    ``4 * d_model``, dropout 0), mean pooling over the non-padded positions, and a Linear classifier.
+    Token embedding plus a learned position embedding, `num_layers` post-norm
+    `torch.nn.TransformerEncoderLayer` blocks (`batch_first=True`, feed-forward width
+    `4 * d_model`, dropout 0), mean pooling over the non-padded positions, and a Linear classifier.
     The weights scored by default are those of Linear modules: the attention output projection,
     the two feed-forward layers and the classifier. The attention input projection is a bare
-    parameter of :class:`torch.nn.MultiheadAttention` (``...self_attn.in_proj_weight``); pass it in
-    ``parameters`` to score it too.
+    parameter of `torch.nn.MultiheadAttention` (`...self_attn.in_proj_weight`); pass it in
+    `parameters` to score it too.
 
     Args:
         vocab_size: number of token ids.
         d_model: embedding width.
-        nhead: attention heads (must divide ``d_model``).
+        nhead: attention heads (must divide `d_model`).
         num_layers: encoder layers.
         num_classes: number of output logits.
         max_len: longest sequence accepted.
         math_attention: always compute attention with PyTorch's reference ("math") implementation
-            of :func:`torch.nn.functional.scaled_dot_product_attention`. Not needed for ProsPr: the
+            of `torch.nn.functional.scaled_dot_product_attention()`. Not needed for ProsPr: the
             scoring engine switches to it by itself while it differentiates twice.
 
-    ``forward(tokens, padding_mask=None)`` takes ``tokens`` of shape ``(N, L)`` with ``L <= max_len``
-    and an optional boolean ``padding_mask`` of the same shape, ``True`` at padded positions.
+    `forward(tokens, padding_mask=None)` takes `tokens` of shape `(N, L)` with `L <= max_len`
+    and an optional boolean `padding_mask` of the same shape, `True` at padded positions.
     """
 
     def __init__(

@@ -1,32 +1,32 @@
 """Which weights are pruned by default: the weight matrices that multiply activations.
 
 The rule is about what a parameter *does*, not which class holds it. One loss pass is watched at
-the level of PyTorch's operators (a ``TorchDispatchMode``) while each tensor's origin is tracked:
+the level of PyTorch's operators (a `TorchDispatchMode`) while each tensor's origin is tracked:
 
 - a tensor computed from parameters, buffers and constants only (views, casts, slices,
-  ``weight_orig * weight_mask``) *derives from* those parameters;
+  `weight_orig * weight_mask`) *derives from* those parameters;
 - anything computed from the batch is an activation.
 
 A trainable parameter with at least two dimensions is **prunable** when a tensor that derives from
-it, and from no activation, is a multiplicand of a matrix product or a convolution (``mm``,
-``addmm``, ``bmm``, ``baddbmm``, ``matmul``, ``linear``, every convolution, the RNN kernels) whose
-other operand is an activation or another weight. So the rule picks the weight of ``nn.Linear``,
-every ``ConvNd`` and ``ConvTransposeNd``, Hugging Face's ``Conv1D`` (GPT-2), the packed
-``in_proj_weight`` of ``nn.MultiheadAttention``, the ``weight_ih``/``weight_hh`` matrices of
-LSTM/GRU/RNN layers, and any parameter a custom module passes to ``F.linear``, ``F.conv*``,
-``matmul`` or ``einsum``. It leaves out biases (added, not multiplied), norm scales and LayerScale
+it, and from no activation, is a multiplicand of a matrix product or a convolution (`mm`,
+`addmm`, `bmm`, `baddbmm`, `matmul`, `linear`, every convolution, the RNN kernels) whose
+other operand is an activation or another weight. So the rule picks the weight of `nn.Linear`,
+every `ConvNd` and `ConvTransposeNd`, Hugging Face's `Conv1D` (GPT-2), the packed
+`in_proj_weight` of `nn.MultiheadAttention`, the `weight_ih`/`weight_hh` matrices of
+LSTM/GRU/RNN layers, and any parameter a custom module passes to `F.linear`, `F.conv*`,
+`matmul` or `einsum`. It leaves out biases (added, not multiplied), norm scales and LayerScale
 factors (elementwise), positional tables and class tokens (added or concatenated), and embeddings:
 
-**Tied embeddings.** A parameter that is also read as an embedding table (``F.embedding``) is left
-out, even where the same matrix is the output projection (GPT-2's ``lm_head``, BERT's MLM decoder).
+**Tied embeddings.** A parameter that is also read as an embedding table (`F.embedding`) is left
+out, even where the same matrix is the output projection (GPT-2's `lm_head`, BERT's MLM decoder).
 Pruning it would remove entries of the input table too, so the rule that keeps embeddings dense
 would be broken through the back door, and a token's row could lose most of its features before
-the first layer sees it. Name it in ``parameters`` to prune it anyway. An untied output layer (a
-classifier, Llama's ``lm_head`` with ``tie_word_embeddings=False``) is an ordinary matrix and is
+the first layer sees it. Name it in `parameters` to prune it anyway. An untied output layer (a
+classifier, Llama's `lm_head` with `tie_word_embeddings=False`) is an ordinary matrix and is
 pruned.
 
-:func:`prunable_parameters` applies the rule to a loss pass; :func:`default_parameter_names` is the
-same rule by module type, for calls that have no loss to watch (``magnitude_scores(model)``).
+`prunable_parameters()` applies the rule to a loss pass; `default_parameter_names()` is the
+same rule by module type, for calls that have no loss to watch (`magnitude_scores(model)`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ _MULTIPLICANDS: dict[Any, tuple[int, ...]] = {
     _aten.cudnn_convolution: (1,),
     _aten.cudnn_convolution_transpose: (1,),
 }
-#: Recurrent kernels: their weight matrices come in the argument list (``weight_ih``, ``weight_hh``).
+#: Recurrent kernels: their weight matrices come in the argument list (`weight_ih`, `weight_hh`).
 _RECURRENT = {
     _aten.mkldnn_rnn_layer,
     _aten._cudnn_rnn,
@@ -95,7 +95,7 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 def _distinct_elements(tensor: Tensor) -> int:
-    """Elements of ``tensor`` not repeated by broadcasting (dimensions of stride 0 count once)."""
+    """Elements of `tensor` not repeated by broadcasting (dimensions of stride 0 count once)."""
     count = 1
     for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
         if stride != 0:
@@ -106,7 +106,7 @@ def _distinct_elements(tensor: Tensor) -> int:
 class _Watcher:
     """Tracks which parameters each live tensor derives from, and what the operators do with them.
 
-    A tensor is one of: derived from parameters (``origins``), constant (buffers, and tensors made
+    A tensor is one of: derived from parameters (`origins`), constant (buffers, and tensors made
     from constants only), or an activation (everything else, the batch included: so a batch in
     any container counts as data without being found).
     """
@@ -135,7 +135,7 @@ class _Watcher:
         weakref.finalize(tensor, self._forget, key)
 
     def _origin(self, tensor: Tensor) -> frozenset[str] | None:
-        """The parameters ``tensor`` derives from; empty for a constant, ``None`` for an activation."""
+        """The parameters `tensor` derives from; empty for a constant, `None` for an activation."""
         key = id(tensor)
         if key in self._origins:
             return self._origins[key]
@@ -166,7 +166,7 @@ class _Watcher:
 
 
 def _watch(watcher: _Watcher) -> Any:
-    """A ``TorchDispatchMode`` that reports every operator to ``watcher``."""
+    """A `TorchDispatchMode` that reports every operator to `watcher`."""
     mode = DISPATCH_MODE.get()
 
     class _Mode(mode):  # type: ignore[misc, valid-type]
@@ -182,23 +182,23 @@ def _watch(watcher: _Watcher) -> Any:
 
 
 def _plain_name(key: str) -> str:
-    """``"fc.weight_orig"`` (a weight under a :mod:`torch.nn.utils.prune` mask) -> ``"fc.weight"``."""
+    """`"fc.weight_orig"` (a weight under a `torch.nn.utils.prune` mask) -> `"fc.weight"`."""
     return key.removesuffix("_orig")
 
 
 def prunable_parameters(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[str]:
-    """The default set of weights to prune, found by watching ``loss_fn(model, batch)`` once.
+    """The default set of weights to prune, found by watching `loss_fn(model, batch)` once.
 
     Args:
-        model: any ``nn.Module``; left exactly as it was (the pass runs in train mode on cloned
-            buffers, with the parameters substituted through :func:`torch.func.functional_call`,
+        model: any `nn.Module`; left exactly as it was (the pass runs in train mode on cloned
+            buffers, with the parameters substituted through `torch.func.functional_call()`,
             and the RNG restored).
-        loss_fn: ``loss_fn(model, batch) -> loss``, as for :func:`~lightning_prospr.prospr_scores`.
+        loss_fn: `loss_fn(model, batch) -> loss`, as for [`prospr_scores()`][lightning_prospr.prospr_scores].
         batch: one batch, on the model's device.
 
     Returns:
-        Names in ``model.named_parameters()`` order (a weight under a :mod:`torch.nn.utils.prune`
-        mask by its plain name, ``"fc.weight"``); frozen parameters are left out. See the module
+        Names in `model.named_parameters()` order (a weight under a `torch.nn.utils.prune`
+        mask by its plain name, `"fc.weight"`); frozen parameters are left out. See the module
         docstring for the rule.
 
     Example:
@@ -232,7 +232,7 @@ def prunable_parameters(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[s
 # --------------------------------------------------------------------------- the rule by module type
 
 
-#: Modules whose ``weight`` is a weight matrix (the lazy variants become these once initialised).
+#: Modules whose `weight` is a weight matrix (the lazy variants become these once initialised).
 _WEIGHT_MODULES = (
     nn.Linear,
     nn.Bilinear,
@@ -246,7 +246,7 @@ _WEIGHT_MODULES = (
 
 
 def _module_weights(module: nn.Module) -> list[str]:
-    """The attribute names of ``module``'s own weight matrices, by its type."""
+    """The attribute names of `module`'s own weight matrices, by its type."""
     if isinstance(module, _WEIGHT_MODULES):
         return ["weight"]
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
@@ -265,13 +265,13 @@ def _module_weights(module: nn.Module) -> list[str]:
 def default_parameter_names(model: nn.Module) -> list[str]:
     """The default set by module type, for calls that have no loss pass to watch.
 
-    The weight of every Linear, Bilinear, ConvNd, ConvTransposeNd and Hugging Face ``Conv1D``, the
-    input projections of ``nn.MultiheadAttention`` and the weight matrices of RNN, LSTM and GRU
+    The weight of every Linear, Bilinear, ConvNd, ConvTransposeNd and Hugging Face `Conv1D`, the
+    input projections of `nn.MultiheadAttention` and the weight matrices of RNN, LSTM and GRU
     layers and cells, trainable, each tensor once (tied weights under their first name), a weight
-    under a :mod:`torch.nn.utils.prune` mask by its plain name; a matrix that is also an
-    ``nn.Embedding``'s table is left out. On the models of the docs' table this is exactly what
-    :func:`prunable_parameters` finds; it cannot see weights that custom modules use through
-    ``F.linear`` or ``matmul``.
+    under a `torch.nn.utils.prune` mask by its plain name; a matrix that is also an
+    `nn.Embedding`'s table is left out. On the models of the docs' table this is exactly what
+    `prunable_parameters()` finds; it cannot see weights that custom modules use through
+    `F.linear` or `matmul`.
     """
     canonical = {id(p): name for name, p in model.named_parameters()}
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}

@@ -14,7 +14,7 @@ __all__ = ["LayerSparsity", "SparsityReport", "density_figure"]
 @dataclass(frozen=True)
 class LayerSparsity:
     """Kept and total weights of one pruned tensor; for structured pruning also its output channels
-    and the multiply-accumulates per sample of the dense layer (``macs``, 0 when unknown)."""
+    and the multiply-accumulates per sample of the dense layer (`macs`, 0 when unknown)."""
 
     name: str
     kept: int
@@ -51,7 +51,7 @@ class SparsityReport:
         channel_masks: Mapping[str, Tensor] | None = None,
         macs: Mapping[str, int] | None = None,
     ) -> SparsityReport:
-        """Count kept weights in ``{name: bool mask}`` (and kept channels, for structured masks)."""
+        """Count kept weights in `{name: bool mask}` (and kept channels, for structured masks)."""
         channel_masks = channel_masks or {}
         layers = tuple(
             LayerSparsity(
@@ -74,8 +74,8 @@ class SparsityReport:
         """Weights and multiply-accumulates per sample of the pruned layers, before and after a dense
         re-build that drops the removed output channels.
 
-        Counted per layer from its own output channels only: a layer with ``k`` of ``n`` channels
-        kept keeps ``k / n`` of its weights and of its MACs (``out_elements x fan_in`` per sample).
+        Counted per layer from its own output channels only: a layer with `k` of `n` channels
+        kept keeps `k / n` of its weights and of its MACs (`out_elements x fan_in` per sample).
         The matching input channels of the next layer, biases and norm layers are not counted, so
         the reduction is a lower bound of what a re-build gets.
         """
@@ -162,7 +162,7 @@ class SparsityReport:
 
 
 def density_figure(report: SparsityReport) -> Any:
-    """A bar chart of the density kept in each layer (matplotlib ``Figure``; needs matplotlib)."""
+    """A bar chart of the density kept in each layer (matplotlib `Figure`; needs matplotlib)."""
     try:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - matplotlib is in the examples/dev extras

@@ -27,7 +27,7 @@ def isolated_rng() -> Iterator[None]:
 
     Drawing batches needs this as well as scoring: every DataLoader iterator draws its base seed
     from the global torch RNG, and dropout draws from it in every loss evaluation. (Lightning's
-    ``isolate_rng`` does not restore the states when the body raises.)
+    `isolate_rng` does not restore the states when the body raises.)
     """
     python = random.getstate()
     numpy = _numpy_random()
@@ -50,8 +50,8 @@ def _cuda_devices(device: torch.device) -> list[torch.device]:
 
 
 class TorchRngState:
-    """torch's global RNG state on the CPU and, for a CUDA ``device``, on that device: taken at
-    construction, put back by :meth:`restore` (as often as needed, to replay the same draws)."""
+    """torch's global RNG state on the CPU and, for a CUDA `device`, on that device: taken at
+    construction, put back by `restore()` (as often as needed, to replay the same draws)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -66,7 +66,7 @@ class TorchRngState:
 
 @contextmanager
 def forked_torch_rng(device: torch.device) -> Iterator[None]:
-    """torch's RNG (CPU, and ``device`` if it is a CUDA device) restored on exit, also on an error;
-    :func:`torch.random.fork_rng` for the devices a scorer uses."""
+    """torch's RNG (CPU, and `device` if it is a CUDA device) restored on exit, also on an error;
+    `torch.random.fork_rng()` for the devices a scorer uses."""
     with torch.random.fork_rng(devices=_cuda_devices(device)):
         yield

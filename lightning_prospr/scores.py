@@ -231,7 +231,8 @@ def _magnitudes(raw: Mapping[str, Tensor], snip: bool) -> dict[str, Tensor]:
         if not torch.isfinite(score).all():
             if snip:
                 raise UnrollError(
-                    f"the SNIP score of {name!r} is not finite (NaN or inf); check the model and data for NaN/inf."
+                    f"the SNIP score of {name!r} is not finite (NaN or inf); check the model and data "
+                    "for NaN/inf."
                 )
             raise UnrollError(
                 f"the meta-gradient of {name!r} is not finite; lower `lr`, use fewer `steps`, or "

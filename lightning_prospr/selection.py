@@ -12,17 +12,17 @@ __all__ = ["global_masks", "pruned_count"]
 
 
 def pruned_count(sparsity: float, total: int) -> int:
-    """Number of weights removed: ``round(sparsity * total)``.
+    """Number of weights removed: `round(sparsity * total)`.
 
-    Python's :func:`round` is used, so an exact half rounds to the even neighbour (e.g. 0.5 of 5
+    Python's `round()` is used, so an exact half rounds to the even neighbour (e.g. 0.5 of 5
     weights removes 2). The product is rounded first to 9 decimals so that binary noise such as
-    ``0.9 * 10 = 9.000000000000002`` cannot tip a count.
+    `0.9 * 10 = 9.000000000000002` cannot tip a count.
     """
     return round(round(sparsity * total, 9))
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
-    """Raise ``ValueError`` unless ``sparsity`` is a number in [0, 1)."""
+    """Raise `ValueError` unless `sparsity` is a number in [0, 1)."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"`{name}` must be a float in [0, 1), got {type(sparsity).__name__}.")
     if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
@@ -35,21 +35,21 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
 def global_masks(
     scores: Mapping[str, Tensor], sparsity: float, within: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
-    """Keep the highest scores over all tensors together, removing exactly ``round(sparsity * N)``.
+    """Keep the highest scores over all tensors together, removing exactly `round(sparsity * N)`.
 
     Args:
-        scores: ``{name: scores}`` as returned by :func:`~lightning_prospr.prospr_scores`; higher
+        scores: `{name: scores}` as returned by [`prospr_scores()`][lightning_prospr.prospr_scores]; higher
             means more important. NaN scores are refused.
-        sparsity: the fraction of all ``N`` scored weights to remove, in [0, 1).
-        within: optional existing keep-masks (``{name: bool tensor}``, for some or all names).
-            Weights outside them stay removed and count towards ``sparsity``, so the new masks nest
+        sparsity: the fraction of all `N` scored weights to remove, in [0, 1).
+        within: optional existing keep-masks (`{name: bool tensor}`, for some or all names).
+            Weights outside them stay removed and count towards `sparsity`, so the new masks nest
             inside the old ones (a model pruned before, or an earlier round of an iterative schedule).
 
     Ties are broken deterministically: among equal scores, the weight that comes first in the
     concatenation of the flattened tensors (in the mapping's order) is removed first.
 
     Returns:
-        ``{name: bool tensor}``, ``True`` where the weight is kept, each on its score's device.
+        `{name: bool tensor}`, `True` where the weight is kept, each on its score's device.
     """
     check_sparsity(sparsity)
     if not scores:

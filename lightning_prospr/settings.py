@@ -4,7 +4,7 @@
 [`compute_masks`][lightning_prospr.pipeline.compute_masks] takes and what
 [`ProsprPruningCallback`][lightning_prospr.callback.ProsprPruningCallback] builds from its
 constructor arguments. It is checked once, when it is made: a value out of range, an unknown name,
-or an option that the chosen method does not use raises ``ValueError`` (or ``TypeError``) naming the
+or an option that the chosen method does not use raises `ValueError` (or `TypeError`) naming the
 argument and the fix, before any work starts.
 """
 

@@ -112,9 +112,11 @@ def test_help_lists_the_grid_options(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_cifar_augmentation_crops_and_flips() -> None:
-    module = load_script("accuracy")
+    load_script("accuracy")  # puts benchmarks/ on sys.path
+    from common.data import augment_batch
+
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
-    out = module.augment_batch(x, torch.Generator().manual_seed(0))
+    out = augment_batch(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     # every output pixel is an input pixel of the same image and channel, or padding (0)
     for i in range(2):
@@ -127,54 +129,56 @@ def test_iterative_prospr_scores_in_rounds_and_names_them(monkeypatch: pytest.Mo
     """``prospr-iter`` is full ProsPr with ``--prospr-rounds`` rounds; the rounds are part of the run's
     key, and the masks nest round by round down to the exact sparsity."""
     module = load_script("accuracy")
-    pipeline, masking, models = module._import_package()
-    seen: list[dict] = []
+    from common.data import Data, Split
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return pipeline.compute_masks(*args, **kwargs)
+    real = module.compute_masks
+    seen: list = []
 
-    spied = type("Pipeline", (), {"compute_masks": staticmethod(spy)})
-    monkeypatch.setattr(module, "_import_package", lambda: (spied, masking, models))
+    def spy(model, loss_fn, batches, settings, **kwargs):
+        seen.append(settings)
+        return real(model, loss_fn, batches, settings, **kwargs)
+
+    monkeypatch.setattr(module, "compute_masks", spy)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(64, 1, 28, 28, generator=gen)
-    split = module.Split(images, torch.randint(0, 10, (64,), generator=gen))
-    data = module.Data("mnist", split, split, split)
+    split = Split(images, torch.randint(0, 10, (64,), generator=gen))
+    data = Data("mnist", split, split, split)
     scoring = module.Scoring(batch_size=32, steps=1, reuse=True, prospr_rounds=4)
     assert scoring.describe("prospr-iter") == "M=1 lr=0.1 reuse b=32 rounds=4"
     assert "rounds" not in scoring.describe("prospr")
     model = module.build_model("lenet300100", 0)
     spec = module.RunSpec("lenet300100", "prospr-iter", 0.99, 0)
     masks, _ = module.masks_for(model, spec, data, scoring, torch.device("cpu"))
-    assert seen[-1]["method"] == "prospr" and seen[-1]["rounds"] == 4 and not seen[-1]["first_order"]
+    assert seen[-1].method == "prospr" and seen[-1].rounds == 4 and seen[-1].mode == "full"
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert total - kept == round(0.99 * total)
     one_shot = module.RunSpec("lenet300100", "prospr", 0.99, 0)
     module.masks_for(model, one_shot, data, scoring, torch.device("cpu"))
-    assert "rounds" not in seen[-1] and seen[-1]["num_batches"] == 1
+    assert seen[-1].rounds is None and seen[-1].unrolls == 1
 
 
 def test_score_averaging_gives_each_unroll_its_own_reused_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_script("accuracy")
-    calls: list[tuple[list, dict]] = []
+    from common.data import Data, Split
 
-    def record(model, loss_fn, batches, sparsity, **kwargs):
-        calls.append((list(batches), kwargs))
+    calls: list[tuple[list, object]] = []
+
+    def record(model, loss_fn, batches, settings, **kwargs):
+        calls.append((list(batches), settings))
         return types.SimpleNamespace(masks={})
 
-    spied = type("Pipeline", (), {"compute_masks": staticmethod(record)})
-    monkeypatch.setattr(module, "_import_package", lambda: (spied, None, None))
+    monkeypatch.setattr(module, "compute_masks", record)
     images = torch.arange(64.0).reshape(64, 1, 1, 1)
-    split = module.Split(images, torch.zeros(64, dtype=torch.long))
-    data = module.Data("mnist", split, split, split)
+    split = Split(images, torch.zeros(64, dtype=torch.long))
+    data = Data("mnist", split, split, split)
     spec = module.RunSpec("lenet300100", "prospr", 0.99, 0)
     for reuse, expected in ((True, [0, 0, 0, 1, 1, 1]), (False, [0, 1, 2, 3, 4, 5])):
         scoring = module.Scoring(batch_size=8, steps=2, reuse=reuse, average=2)
         assert "avg=2" in scoring.describe("prospr") and "avg" not in module.Scoring().describe("prospr")
         module.masks_for(None, spec, data, scoring, torch.device("cpu"))
-        batches, kwargs = calls[-1]
-        assert kwargs["num_batches"] == 2 and kwargs["steps"] == 2
+        batches, settings = calls[-1]
+        assert settings.unrolls == 2 and settings.steps == 2
         ids: dict[float, int] = {}  # each distinct batch numbered in order of first appearance
         assert [ids.setdefault(b[0].sum().item(), len(ids)) for b in batches] == expected
 
@@ -197,8 +201,51 @@ def test_comparison_table_picks_the_best_baseline_per_cell() -> None:
     rows += [row("prospr", "0.98", 0, 91.0), row("prospr", "0.98", 1, 91.0)]  # ties snip: counts as a match
     rows += [row("prospr-iter", "0.98", 0, 89.0), row("prospr-iter", "0.98", 1, 90.0)]
     rows += [row("snip", "0.9", 0, 97.0), row("prospr", "0.9", 0, 10.0)]  # below 98 %: not compared
-    text = module.render_comparison(rows)
+    text = module.render_comparison(rows, module.CATALOG)
     assert "in 1 of 2 (variant, cell) pairs" in text
     assert "| LeNet-5 | 98 % | prospr | 91.00 | snip 91.00 | **+0.00** | +1.00, -1.00 |" in text
     assert "| LeNet-5 | 98 % | prospr-iter | 89.50 | snip 91.00 | -1.50 | -1.00, -2.00 |" in text
     assert "90 %" not in text
+
+
+@pytest.mark.parametrize(
+    ("folder", "table"),
+    [
+        ("mnist", "results.md"),
+        ("mnist", "study.md"),
+        ("mnist", "study_rounds.md"),
+        ("mnist_average", "results.md"),
+        ("mnist_batch512", "results.md"),
+        ("mnist_prospr_paper_defaults", "results.md"),
+    ],
+)
+def test_committed_results_re_render_identically(folder: str, table: str, tmp_path: Path, capsys) -> None:
+    """Each committed table comes out of its CSV again, unchanged but for the environment line, with
+    the command that made it (read from the table itself or its log) and `--render`."""
+    import shlex
+    import shutil
+
+    source = ROOT / "benchmarks" / "results" / folder
+    committed = (source / table).read_text(encoding="utf-8")
+    if table == "results.md":
+        command = committed.splitlines()[0].removeprefix("Command: `").removesuffix("`")
+    else:
+        log = (source / table.replace(".md", ".log")).read_text(encoding="utf-8")
+        command = next(line for line in log.splitlines() if line.startswith("python benchmarks/accuracy.py"))
+    argv = [a for a in shlex.split(command)[2:]]
+    if "--out-dir" in argv:
+        del argv[argv.index("--out-dir") : argv.index("--out-dir") + 2]
+    for name in ("results.csv", "study.csv", "study_rounds.csv"):
+        if (source / name).is_file():
+            shutil.copy(source / name, tmp_path / name)
+    threads = torch.get_num_threads()
+    try:
+        assert load_script("accuracy").main([*argv, "--render", "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+
+    def body(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith(("Environment:", "Command:"))]
+
+    assert body((tmp_path / table).read_text(encoding="utf-8")) == body(committed)

@@ -15,7 +15,7 @@ import torch
 from benchmark_scripts import load_script
 from torch import nn
 
-from lightning_prospr import prospr_scores
+from lightning_prospr import prospr_scores, snip_scores
 
 F = nn.functional
 
@@ -45,10 +45,12 @@ def test_each_inner_step_adds_at_most_one_copy_of_the_parameters(options: dict[s
     copy_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     batch = (torch.randn(8, 512), torch.randint(0, 10, (8,)))
 
-    peaks = [
-        live_peak_mib(lambda m=m: prospr_scores(model, ce_loss, [batch], steps=m, **options)) / copy_mib
-        for m in range(6)
-    ]
+    def score(m: int) -> object:  # M = 0 is SNIP, the same engine with no inner step
+        if m == 0:
+            return snip_scores(model, ce_loss, [batch])
+        return prospr_scores(model, ce_loss, [batch], steps=m, **options)
+
+    peaks = [live_peak_mib(lambda m=m: score(m)) / copy_mib for m in range(6)]
 
     # The profiler sees the scores themselves (one weight-sized tensor each): the measurement is live.
     assert peaks[0] > 0.5, peaks
