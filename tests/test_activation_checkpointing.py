@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.utils.checkpoint as checkpointing
+from shared import ce_loss
 from torch import nn
 
 from lightning_prospr import prospr_scores
@@ -59,10 +60,6 @@ class Net(nn.Module):
 def net(how: str | None) -> Net:
     torch.manual_seed(0)
     return Net(how).train()
-
-
-def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 BATCH = (torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3)

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from shared import ce_loss as ce
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -21,7 +22,7 @@ from lightning_prospr import (
     global_masks,
     prospr_scores,
 )
-from lightning_prospr.masking import effective_weight, plain_state_dict
+from lightning_prospr.masking import effective_weight
 
 F = nn.functional
 
@@ -29,10 +30,6 @@ F = nn.functional
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 BATCH = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
@@ -371,24 +368,3 @@ def test_failure_inside_training_step_leaves_everything_as_it_was():
     assert not any(n.endswith("_orig") for n, _ in module.named_parameters())
     assert trainer.optimizers[0].state_dict()["state"] == {}  # Adam never stepped
     assert "log" not in vars(module)  # self.log restored
-
-
-def test_masks_hold_where_a_parent_reads_the_weight_without_calling_the_child():
-    """nn.MultiheadAttention hands out_proj.weight to a functional kernel; the mask must apply."""
-    torch.manual_seed(0)
-    attention = nn.MultiheadAttention(8, 2, batch_first=True)
-    reference = copy.deepcopy(attention)
-    mask = torch.rand(8, 8) > 0.5
-    apply_masks(attention, {"out_proj.weight": mask})
-    optimizer = torch.optim.SGD(attention.parameters(), lr=0.5)
-    x = torch.randn(3, 4, 8)
-    for _ in range(3):  # several steps: a stale weight would fail on the second backward
-        optimizer.zero_grad()
-        attention(x, x, x)[0].pow(2).sum().backward()
-        optimizer.step()
-    plain_state_dict(attention, ["out_proj.weight"])
-    with torch.no_grad():
-        reference.load_state_dict(attention.state_dict())  # plain (masked) weights
-        reference.eval(), attention.eval()
-        assert torch.equal(reference.out_proj.weight == 0, ~mask)
-        assert torch.allclose(attention(x, x, x)[0], reference(x, x, x)[0])

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from model_state import Net, assert_same, snapshot
+from shared import ce_loss
 from torch import nn
 from torch.nn.utils import prune
 
@@ -30,11 +31,6 @@ from lightning_prospr.errors import UnrollError
 from lightning_prospr.selection import pruned_count
 
 F = nn.functional
-
-
-def ce_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def make_batch(n=8, d=5, classes=3, seed=0, dtype=torch.float64):

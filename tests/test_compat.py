@@ -8,6 +8,7 @@ import importlib
 import lightning.pytorch as pl
 import pytest
 import torch
+from shared import ce_loss as loss
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,10 +17,6 @@ from lightning_prospr.compat import CompatibilityError
 
 F = nn.functional
 CHECKED = r"checked with torch 2\.14\.1 and lightning 2\.6\.6"
-
-
-def loss(m, b):
-    return F.cross_entropy(m(b[0]), b[1])
 
 
 def batch():

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from model_state import assert_same, snapshot
+from shared import ce_loss
 from test_callback import PRUNED, DataModule, Module
 from torch import nn
 from torch._dynamo.utils import counters
@@ -34,10 +35,6 @@ def fresh_dynamo() -> Iterator[None]:
     yield
     torch._dynamo.reset()
     counters.clear()
-
-
-def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 def convnet() -> nn.Module:
@@ -63,6 +60,7 @@ def test_scores_of_a_compiled_model_are_those_of_the_model(options: dict[str, bo
 
     scores = prospr_scores(compiled, ce_loss, [batch()], steps=2, **options)
     assert counters["frames"]["ok"] == 0  # scoring ran the model eagerly: nothing was compiled
+    assert set(expected) == {"0.weight", "4.weight"}  # the conv and the classifier: not an empty check
 
     assert {name.removeprefix("_orig_mod."): s for name, s in scores.items()}.keys() == expected.keys()
     for name, score in scores.items():
@@ -78,6 +76,7 @@ def test_grasp_of_a_compiled_model_is_that_of_the_model() -> None:
     net = convnet()
     expected = grasp_scores(net, ce_loss, [batch()], temperature=1.0)
     scores = grasp_scores(torch.compile(net, backend="aot_eager"), ce_loss, [batch()], temperature=1.0)
+    assert {name.removeprefix("_orig_mod.") for name in scores} == set(expected) == {"0.weight", "4.weight"}
     for name, score in scores.items():
         torch.testing.assert_close(score, expected[name.removeprefix("_orig_mod.")], rtol=0, atol=0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from shared import ce_loss as ce
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,10 +14,6 @@ from lightning_prospr.models import ResNet20
 
 pytestmark = pytest.mark.cuda
 F = nn.functional
-
-
-def ce(m, b):
-    return F.cross_entropy(m(b[0]), b[1])
 
 
 def batches(count=4, seed=0, n=16):

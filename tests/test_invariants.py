@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from model_state import Net, assert_same, snapshot
+from shared import ce_loss as loss_fn
 from torch import nn
 
 from lightning_prospr import prospr_scores
 from lightning_prospr.errors import UnrollError
 
 F = nn.functional
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def prepared_model():

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from shared import ce_loss as _cross_entropy
 from torch import nn
 
 from lightning_prospr import default_parameter_names, prospr_scores
@@ -41,10 +41,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], int]] = {
         2,
     ),
 }
-
-
-def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,15 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 from benchmark_scripts import load_script
+from shared import ce_loss
 from torch import nn
 
 from lightning_prospr import prospr_scores, snip_scores
 
 F = nn.functional
-
-
-def ce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,13 @@ import copy
 
 import pytest
 import torch
+from shared import ce_loss
 from torch import nn
 
 import lightning_prospr.scores as scores_module
 from lightning_prospr import default_parameter_names, prospr_scores, snip_scores
 
 F = nn.functional
-
-
-def ce_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def small_mlp() -> nn.Module:
