@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from shared import ce_loss as ce
+from shared import quiet_trainer
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -310,15 +311,7 @@ def test_batch_kinds_and_loaders(loader):
 
 
 def make_trainer(callback):
-    return pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    return quiet_trainer([callback], max_epochs=1)
 
 
 def test_empty_train_dataloader():

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from shared import ce_loss as loss
+from shared import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -98,10 +99,6 @@ class DropDataSource(pl.Callback):
 
 def test_the_fit_refuses_when_the_data_source_is_gone():
     data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=8)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[DropDataSource(), ProsprPruningCallback(sparsity=0.5)],
-    )  # fmt: skip
+    trainer = quiet_trainer([DropDataSource(), ProsprPruningCallback(sparsity=0.5)], max_steps=1)
     with pytest.raises(CompatibilityError, match=r"_data_source.*train dataloader"):
         trainer.fit(Module(), train_dataloaders=data)

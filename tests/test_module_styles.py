@@ -9,6 +9,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from shared import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -133,10 +134,7 @@ def test_default_guard_on_modules_without_a_batch_forward(style, sparsity):
     callback = ProsprPruningCallback(sparsity=sparsity, verbose=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pl.Trainer(
-            accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-        ).fit(module)  # fmt: skip
+        quiet_trainer([callback], max_steps=2).fit(module)
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "could not check" in m or "no path" in m], messages
     masks = callback.masks

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from shared import ce_loss as ce
+from shared import quiet_trainer
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
@@ -197,10 +198,9 @@ def test_callback_methods_and_guard_warning(tmp_path):
 
     def fit(**kwargs):
         callback = ProsprPruningCallback(verbose=False, **kwargs)
-        pl.Trainer(
-            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-        ).fit(Module(), train_dataloaders=DataLoader(data, batch_size=8))  # fmt: skip
+        quiet_trainer([callback], max_epochs=1).fit(
+            Module(), train_dataloaders=DataLoader(data, batch_size=8)
+        )
         return callback
 
     for method in ("snip", "grasp", "synflow", "magnitude", "random"):

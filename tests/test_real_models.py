@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from benchmark_scripts import load_script
+from shared import quiet_trainer
 
 from lightning_prospr import ProsprPruningCallback, default_parameter_names, prospr_scores
 from lightning_prospr.masking import effective_weight
@@ -29,15 +30,7 @@ MODES = {
 
 
 def fit(module: pl.LightningModule, callback: ProsprPruningCallback) -> None:
-    pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    ).fit(module)
+    quiet_trainer([callback], max_steps=2).fit(module)
 
 
 @pytest.mark.slow
