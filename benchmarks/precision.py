@@ -7,7 +7,7 @@ Run from the repository root::
     python benchmarks/precision.py --quick                  # smoke test: random data, seconds
 
 For each model, inner step count ``M`` and inner learning rate, the same initial network (built with
-``torch.manual_seed(--seed)``) is scored twice with :func:`lightning_prospr.prospr_scores` on the same
+``torch.manual_seed(--seed)``) is scored twice with `prospr_scores` (`snip_scores` for M = 0) on the same
 batch (the first ``--batch-size`` training images, or random data with ``--quick``): once in float32
 and once as a float64 copy. Reported:
 
@@ -67,13 +67,19 @@ def compare(
     model: nn.Module, batch: tuple[Tensor, Tensor], steps: int, lr: float, sparsities: Sequence[float]
 ) -> dict[str, Any]:
     """float32 against float64 scores of ``model`` (float32) on ``batch``; see the module docstring."""
-    from lightning_prospr.scores import prospr_scores
+    from lightning_prospr.scores import prospr_scores, snip_scores
     from lightning_prospr.selection import global_masks
 
     wide = copy.deepcopy(model).double()
     wide_batch = (batch[0].double(), batch[1])
-    s32 = prospr_scores(model, loss_fn, [batch], steps=steps, lr=lr)
-    s64 = prospr_scores(wide, loss_fn, [wide_batch], steps=steps, lr=lr)
+
+    def score(net: nn.Module, b: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        # M = 0 is SNIP, which has its own entry point since 0.2.0.
+        if steps == 0:
+            return snip_scores(net, loss_fn, [b])
+        return prospr_scores(net, loss_fn, [b], steps=steps, lr=lr)
+
+    s32, s64 = score(model, batch), score(wide, wide_batch)
     top = max(float(s.abs().max()) for s in s64.values())
     row: dict[str, Any] = {
         "rel_err": max(float((s32[n].double() - s64[n]).abs().max()) for n in s64) / top,

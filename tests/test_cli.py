@@ -39,7 +39,7 @@ def test_flag_form(tmp_path):
         *QUIET,
         cwd=tmp_path,
     )
-    assert "ProsPr pruning (ProsPr M=2, lr=0.1, full)" in out
+    assert "ProsPr M=2, lr=0.1, full mode" in out
     assert "Global sparsity: 98.00 %" in out
 
 
