@@ -1,0 +1,124 @@
+"""Structured selection: whole output channels, chosen per channel group.
+
+With `structured=True` a method scores each output channel of each pruned weight (one mask per
+channel, shape `(out, 1, ..., 1)`). Channels that must be removed together (a channel group of
+[`channels`][lightning_prospr.channels]: the convolutions added into one residual stream, a
+depthwise convolution and the pointwise one before it) are scored together: a group's channel
+scores the sum of its producers' channel scores, and the top-k runs over the groups' channels
+(with the layer-wise `allocation`, each group a layer). The masks are expanded back to every
+producer's rows and to the biases and norm parameters of the removed channels, so that a removed
+channel is dead, and the masked network is the network [`shrink`][lightning_prospr.shrinking.shrink]
+builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_prospr.channels import ChannelGroup
+from lightning_prospr.guard import GuardReport, guard_masks
+from lightning_prospr.methods import Run
+from lightning_prospr.prunable import parameter_key
+from lightning_prospr.selection import select_masks
+
+__all__ = ["ChannelSelection", "select_channels"]
+
+
+@dataclass
+class ChannelSelection:
+    """The result of a structured selection.
+
+    Attributes:
+        masks: `{weight: bool mask}` of every producer, in the weight's shape.
+        coupled: `{parameter: bool mask}` of the biases and norm parameters of removed channels.
+        channel_masks: `{weight: bool per output channel}` of every producer.
+        guard: what the per-group floor changed.
+    """
+
+    masks: dict[str, Tensor]
+    coupled: dict[str, Tensor] = field(default_factory=dict)
+    channel_masks: dict[str, Tensor] = field(default_factory=dict)
+    guard: GuardReport = field(default_factory=GuardReport)
+
+
+def _channel_shaped(mask: Tensor) -> Tensor:
+    """A weight-shaped mask as one entry per output channel, `(out, 1, ..., 1)`."""
+    rows = mask.reshape(mask.shape[0], -1).any(dim=1)
+    return rows.reshape(-1, *([1] * (mask.dim() - 1)))
+
+
+def select_channels(
+    run: Run,
+    groups: list[ChannelGroup],
+    within: Mapping[str, Tensor] | None,
+    score_hook: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None,
+    density_schedule: Callable[[float, int], list[float]],
+) -> ChannelSelection:
+    """Score the producers of `groups`, select channels per group in `run.settings.rounds_used`
+    rounds, apply the per-group floor, and expand the group masks to every coupled tensor."""
+    settings = run.settings
+    named = dict(run.model.named_parameters())
+    shapes = {
+        member.name: named[parameter_key(named, member.name)].shape
+        for group in groups
+        for member in (*group.producers, *group.dead_with)
+    }
+    roots = {group.root: shapes[group.root] for group in groups}
+    current = {n: _channel_shaped(m.bool()) for n, m in within.items() if n in run.names} if within else None
+    chosen: dict[str, Tensor] | None = None
+    if current is not None:  # a channel already pruned in every producer stays pruned
+        chosen = {g.root: _group_alive(g, current) for g in groups}
+    scores: dict[str, Tensor] = {}
+    for target in density_schedule(settings.sparsity, settings.rounds_used):
+        channel_scores = run.settings.method_spec.score(run, current)
+        if score_hook is not None:
+            channel_scores = score_hook(channel_scores)
+        scores = {g.root: g.scores(channel_scores) for g in groups}
+        chosen = select_masks(scores, target, allocation=settings.allocation, within=chosen, shapes=roots)
+        current = {
+            n: m.to(named[parameter_key(named, n)].device)
+            for n, m in _producer_masks(groups, chosen, shapes).items()
+        }
+    assert chosen is not None
+    guard = GuardReport()
+    if settings.guard != "off":
+        chosen, guard = guard_masks(
+            scores, chosen, layer_floor=settings.layer_floor, per_layer=settings.allocation != "global"
+        )
+    expanded: dict[str, Tensor] = {}
+    for group in groups:
+        expanded.update(group.expand(chosen[group.root], shapes))
+    producers = {m.name for g in groups for m in g.producers}
+    device = {n: named[parameter_key(named, n)].device for n in shapes}
+    masks = {n: expanded[n].clone().to(device[n]) for n in run.names if n in producers}
+    coupled = {n: m.clone().to(device[n]) for n, m in expanded.items() if n not in producers}
+    channel_masks = {n: m.reshape(m.shape[0], -1)[:, 0].clone() for n, m in masks.items()}
+    return ChannelSelection(masks, coupled, channel_masks, guard)
+
+
+def _group_alive(group: ChannelGroup, current: Mapping[str, Tensor]) -> Tensor:
+    """`(size,)`: channels some producer still keeps."""
+    alive = torch.zeros(group.size, dtype=torch.bool)
+    for member in group.producers:
+        if member.name in current:
+            rows = current[member.name].reshape(-1).cpu()
+            alive[member.root] |= rows[member.index]
+        else:
+            alive[member.root] = True
+    return alive
+
+
+def _producer_masks(
+    groups: list[ChannelGroup], chosen: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]
+) -> dict[str, Tensor]:
+    """The group masks as per-channel masks `(out, 1, ..., 1)` of every producer (for the next round)."""
+    out: dict[str, Tensor] = {}
+    for group in groups:
+        for name, mask in group.expand(chosen[group.root], shapes).items():
+            if any(m.name == name for m in group.producers):
+                out[name] = _channel_shaped(mask)
+    return out
