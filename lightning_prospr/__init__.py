@@ -27,6 +27,7 @@ from lightning_prospr.report import SparsityReport
 from lightning_prospr.scores import prospr_scores, snip_scores
 from lightning_prospr.selection import global_masks
 from lightning_prospr.settings import PruningSettings
+from lightning_prospr.shrinking import ShrinkError, shrink
 
 if TYPE_CHECKING:
     from lightning_prospr.callback import ProsprPruningCallback
@@ -42,6 +43,7 @@ __all__ = [
     "NotTwiceDifferentiableError",
     "ProsprPruningCallback",
     "PruningSettings",
+    "ShrinkError",
     "SparsityReport",
     "UnrollError",
     "__version__",
@@ -53,6 +55,7 @@ __all__ = [
     "make_permanent",
     "prospr_scores",
     "prunable_parameters",
+    "shrink",
     "snip_scores",
 ]
 

@@ -48,7 +48,7 @@ from lightning_prospr.linearized import absolute_tensors
 from lightning_prospr.model_state import preserved_state
 from lightning_prospr.prunable import parameter_key, resolve_parameters
 from lightning_prospr.rng import forked_torch_rng
-from lightning_prospr.selection import check_sparsity, global_masks, pruned_count
+from lightning_prospr.selection import check_sparsity, global_masks, pruned_count, select_masks
 from lightning_prospr.stateless import LossFn, StatelessLoss
 
 __all__ = [
@@ -404,6 +404,7 @@ def iterative_synflow_masks(
     input_shape: Sequence[int] | None = None,
     example_input: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    allocation: str = "global",
 ) -> dict[str, Tensor]:
     """Iterative SynFlow: `rounds` rounds of scoring and pruning on an exponential schedule.
 
@@ -422,6 +423,9 @@ def iterative_synflow_masks(
         input_shape: as for `synflow_scores`.
         example_input: as for `synflow_scores`.
         dtype: as for `synflow_scores`.
+        allocation: the layer densities of every round
+            ([`select_masks`][lightning_prospr.selection.select_masks]): `"global"` (the paper's)
+            or a per-layer budget, `"uniform"` or `"erk"`.
 
     Returns:
         `{name: bool tensor}`, `True` where the weight is kept, on each weight's device.
@@ -442,7 +446,10 @@ def iterative_synflow_masks(
             scores = synflow.scores(masks)
             for n in names:
                 scores[n] = scores[n].masked_fill(~masks[n], -math.inf)
-            new = global_masks(scores, target)
+            if allocation == "global":
+                new = global_masks(scores, target)
+            else:
+                new = select_masks(scores, target, allocation=allocation, within=masks)
             masks = {n: new[n] & masks[n] for n in names}
     kept = sum(int(m.sum()) for m in masks.values())
     if kept != total - pruned_count(sparsity, total):  # pragma: no cover - guarded by construction

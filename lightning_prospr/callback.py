@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,15 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prospr.compat import check_lightning
-from lightning_prospr.lightning_data import draw_batches, example_input
+from lightning_prospr.lightning_data import draw_batches, example_input, first_batch_on
 from lightning_prospr.lightning_loss import ModuleLoss, logging_disabled
 from lightning_prospr.masking import apply_masks, plain_state_dict, remove_masks
 from lightning_prospr.pipeline import compute_masks
 from lightning_prospr.report import SparsityReport, density_figure
 from lightning_prospr.rng import isolated_rng
 from lightning_prospr.settings import PruningSettings
-from lightning_prospr.strategies import agree_on_masks, check_strategy, sum_over_ranks
+from lightning_prospr.shrinking import shrink
+from lightning_prospr.strategies import agree_on_masks, check_strategy, rebuild_after_shrink, sum_over_ranks
 
 __all__ = ["ProsprPruningCallback"]
 
@@ -68,6 +70,9 @@ class ProsprPruningCallback(Callback):
             ([`prunable`][lightning_prospr.prunable]: Linear, Conv and ConvTranspose weights,
             Hugging Face `Conv1D`, attention and RNN matrices; not embeddings, biases or norms).
         structured: prune whole output channels (one mask per channel, the classifier excluded).
+        allocation: the layer densities: `"global"` (one top-k over all layers), `"uniform"` (the
+            same density in every layer) or `"erk"` (RigL's Erdős–Rényi-Kernel rule); the scores
+            choose within each layer ([`allocation`][lightning_prospr.allocation]).
         rounds: iterative pruning in this many rounds on an exponential density schedule,
             re-scoring the masked network each round; `None`: 1, and 100 for SynFlow (the report's
             description says which).
@@ -80,6 +85,10 @@ class ProsprPruningCallback(Callback):
         seed: seed of `method="random"`.
         reuse_batch: use one batch for every inner step and the final loss, instead of a new batch
             per step (`steps + 1` batches); not for the data-free methods.
+        shrink: with `structured=True`, remove the pruned channels physically before training
+            ([`shrink`][lightning_prospr.shrinking.shrink]): a smaller dense network, trained with
+            optimizers that `configure_optimizers` makes again for it. Checkpoints hold the small
+            network; `fit(ckpt_path=...)` shrinks the fresh module the same way before loading.
         make_permanent: at the end of `fit`, bake the masks into the weights and remove the
             re-parametrization (plain `weight` parameters with zeros), like Lightning's
             `ModelPruning(make_pruning_permanent=True)`.
@@ -117,6 +126,7 @@ class ProsprPruningCallback(Callback):
         mode: str = "full",
         parameters: list[str] | None = None,
         structured: bool = False,
+        allocation: str = "global",
         rounds: int | None = None,
         unrolls: int = 1,
         grasp_batches: int = 1,
@@ -124,24 +134,37 @@ class ProsprPruningCallback(Callback):
         layer_floor: int = 1,
         seed: int = 0,
         reuse_batch: bool = False,
+        shrink: bool = False,
         make_permanent: bool = False,
         density_plot: bool = False,
         verbose: bool = True,
     ) -> None:
         self.settings = PruningSettings(
-            sparsity, method, steps, lr, momentum, weight_decay, mode, parameters, structured, rounds,
-            unrolls, grasp_batches, guard, layer_floor, seed,
+            sparsity, method, steps, lr, momentum, weight_decay, mode, parameters, structured,
+            allocation, rounds, unrolls, grasp_batches, guard, layer_floor, seed,
         )  # fmt: skip
         if reuse_batch and not self.settings.method_spec.data:
             raise ValueError(
                 f"`reuse_batch` does not apply to the data-free method={method!r}; leave it False."
             )
+        if shrink and not structured:
+            raise ValueError(
+                "`shrink=True` removes pruned channels, which only structured masks have: pass "
+                "structured=True."
+            )
+        if shrink and make_permanent:
+            raise ValueError(
+                "`make_permanent` does not apply with shrink=True: a shrunk network carries no masks."
+            )
         self.reuse_batch = bool(reuse_batch)
+        self.shrink = bool(shrink)
         self.make_permanent = bool(make_permanent)
         self.density_plot = bool(density_plot)
         self.density_plot_path: str | None = None
         self.verbose = bool(verbose)
         self._masks: dict[str, Tensor] | None = None
+        self._channel_masks: dict[str, Tensor] = {}
+        self._shrunk = False
         self._handles: list[RemovableHandle] = []
         self.report: SparsityReport | None = None
 
@@ -160,11 +183,24 @@ class ProsprPruningCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_strategy(trainer.strategy)
+            check_strategy(trainer.strategy, shrink=self.shrink)
+            if self.shrink and not self._shrunk:
+                self._shrink_on_load(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.__dict__.pop("on_load_checkpoint", None)
+        if self._shrunk:  # a resume: the module was shrunk before the checkpoint's tensors loaded
+            self._report(trainer)
+            return
         if self._masks is None:
             self._masks = self._compute_masks(trainer, pl_module)
+            if self.shrink:
+                self._shrink(trainer, pl_module)
+                self._report(trainer)
+                return
         else:
             self._check_restored(pl_module)
             if self.report is None:
@@ -184,13 +220,16 @@ class ProsprPruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._masks is None:
             return {}
-        return {
+        state: dict[str, Any] = {
             "masks": {n: m.detach().cpu() for n, m in self._masks.items()},
             "sparsity": self.settings.sparsity,
         }
+        if self._shrunk:  # what rebuilds the small network's shape: the removed channels
+            state["channel_masks"] = {n: m.detach().cpu() for n, m in self._channel_masks.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "masks" in state_dict:
+        if "masks" in state_dict and not self._shrunk:
             self._masks = {n: m.bool() for n, m in state_dict["masks"].items()}
             self.report = None
 
@@ -202,6 +241,44 @@ class ProsprPruningCallback(Callback):
         self._handles = []
         if self._masks is not None:
             remove_masks(pl_module, list(self._masks), bake=bake)
+
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
+        """Remove the pruned channels, then let the strategy make the optimizers (and DDP) anew."""
+        if batch is None:
+            with isolated_rng():
+                batch = draw_batches(trainer, pl_module, 1)[0]
+        before = sum(p.numel() for p in pl_module.parameters())
+        with isolated_rng(), logging_disabled(pl_module):
+            shrink(
+                pl_module, self._channel_masks, example_input=batch, loss_fn=ModuleLoss(trainer, pl_module)
+            )
+        self._shrunk = True
+        self._masks = {}  # nothing left to mask
+        rebuild_after_shrink(trainer)
+        if self.report is not None:
+            self.report = replace(
+                self.report, shrunk=(before, sum(p.numel() for p in pl_module.parameters()))
+            )
+
+    def _shrink_on_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resuming a shrunk run: Lightning hands the checkpoint to the module's `on_load_checkpoint`
+        before it loads the (small) tensors into the (fresh, dense) module. Until `on_fit_start`,
+        that hook first shrinks the module as the checkpoint's was, then runs the module's own."""
+        own = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+            if "channel_masks" in state:
+                self._channel_masks = {n: m.bool() for n, m in state["channel_masks"].items()}
+                with isolated_rng(), logging_disabled(pl_module):
+                    batch = first_batch_on(trainer, pl_module, next(pl_module.parameters()).device)
+                    loss_fn = ModuleLoss(trainer, pl_module)
+                    shrink(pl_module, self._channel_masks, example_input=batch, loss_fn=loss_fn)
+                self._shrunk, self._masks = True, {}
+                self.report = SparsityReport.from_masks({}, method=f"{self.description}, shrunk, restored")
+            own(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
     def _check_restored(self, pl_module: pl.LightningModule) -> None:
         assert self._masks is not None
@@ -241,10 +318,12 @@ class ProsprPruningCallback(Callback):
                 "ProsprPruningCallback: the layer-collapse guard changed the plain top-k to keep every layer "
                 f"alive and connected ({result.guard.summary()}); pass guard='off' for plain top-k."
             )
+        effective = result.effective.masks if result.effective is not None else None
         self.report = SparsityReport.from_masks(
-            masks, time.perf_counter() - start, self.description, result.channel_masks, result.macs
+            masks, time.perf_counter() - start, self.description, result.channel_masks, result.macs, effective
         )
-        return masks
+        self._channel_masks = agree_on_masks(trainer, result.channel_masks)
+        return {**masks, **agree_on_masks(trainer, result.coupled)}
 
     def _report(self, trainer: pl.Trainer) -> None:
         assert self.report is not None

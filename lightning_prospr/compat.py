@@ -137,6 +137,7 @@ def check_torch() -> None:
     import torch
 
     forward_pre_hooks(torch.nn.Module())
+    module_tables(torch.nn.Module())
 
 
 def check_lightning() -> None:
@@ -164,6 +165,20 @@ def forward_pre_hooks(module: Any) -> dict[int, Any]:
     return hooks
 
 
+def module_tables(module: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`module._parameters`, `module._buffers`, `module._modules`: what an undo of a shrink puts
+    back (torch-pruning replaces entries of them)."""
+    tables = tuple(
+        _attribute(module, name, f"torch.nn.Module.{name}", "to undo a failed shrink")
+        for name in ("_parameters", "_buffers", "_modules")
+    )
+    if not all(isinstance(t, dict) for t in tables):
+        raise _missing(
+            where="torch.nn.Module._parameters/_buffers/_modules (dicts)", purpose="to undo a failed shrink"
+        )
+    return tables
+
+
 def pruned_tensor_name(hook: Any) -> str:
     """The attribute a `torch.nn.utils.prune` hook masks (`"weight"`): `hook._tensor_name`."""
     return str(
@@ -184,6 +199,19 @@ def train_data_source(trainer: Any) -> Any:
         "_data_source",
         "lightning.pytorch.loops.fit_loop._FitLoop._data_source",
         "to draw the scoring batches from the train dataloader the fit uses",
+    )
+
+
+def ddp_start_method(strategy: Any) -> str:
+    """`DDPStrategy._start_method` ("popen" for strategy='ddp', "spawn"/"fork" for the launchers
+    that load the trained weights back into the main process)."""
+    return str(
+        _attribute(
+            strategy,
+            "_start_method",
+            "lightning.pytorch.strategies.DDPStrategy._start_method",
+            "to tell strategy='ddp' from the spawn and fork launchers (shrink=True)",
+        )
     )
 
 

@@ -22,7 +22,9 @@ The additions come first, all of them; then they are paid for, one removed kept 
 kept weights that lie on no path once the repairs are in place (removing them cannot change any
 path), lowest score first, never taking a tensor below its floor; then the lowest-scored weights of
 tensors that keep more than their floor, skipping any whose removal would take a tensor off the
-paths it is on. Weights the guard added are never the ones removed.
+paths it is on. Weights the guard added are never the ones removed. With `per_layer` (masks of a
+per-layer allocation) each addition is paid for in its own tensor first, so that the layer
+densities stay what the allocation chose.
 """
 
 from __future__ import annotations
@@ -53,14 +55,18 @@ class GuardReport:
     skipped: str | None = None
     #: Tensors exempt from the connectivity check: no path reaches them even in the dense network.
     unchecked: tuple[str, ...] = ()
+    #: With guard='effective': kept weights that lay on no path and gave their places to live ones.
+    replaced: int = 0
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.removed)
+        return bool(self.added or self.removed or self.replaced)
 
     def summary(self) -> str:
         parts = [f"{name} +{count}" for name, count in self.added.items()]
         parts += [f"{name} -{count}" for name, count in self.removed.items()]
+        if self.replaced:
+            parts.append(f"{self.replaced} dead weights replaced by live ones")
         return ", ".join(parts)
 
 
@@ -157,10 +163,10 @@ class _Repair:
             self.add(choice[0], self.best(*choice))
 
     # 3. Pay for the additions.
-    def pay_off_path(self, debt: int, paths: Paths) -> int:
+    def pay_off_path(self, debt: int, paths: Paths, only: str | None = None) -> int:
         """With kept weights that lie on no path (removing them cannot change any path), lowest
-        score first, never below a floor. Returns what is still owed."""
-        pool = [n for n in self.masks if n in self.reachable]
+        score first, never below a floor; from tensor `only` when given. Returns what is still owed."""
+        pool = [n for n in self.masks if n in self.reachable and only in (None, n)]
         if not pool:
             return debt
         off = torch.cat(
@@ -181,10 +187,10 @@ class _Repair:
             debt -= 1
         return debt
 
-    def _cheapest(self, refused: set[tuple[str, int]]) -> tuple[str, int] | None:
+    def _cheapest(self, refused: set[tuple[str, int]], only: str | None) -> tuple[str, int] | None:
         best: tuple[float, str, int] | None = None
         for name, mask in self.masks.items():
-            if int(mask.sum()) <= self.floors[name]:
+            if only not in (None, name) or int(mask.sum()) <= self.floors[name]:
                 continue
             allowed = mask.view(-1) & ~self.protected[name]
             for n_, i_ in refused:
@@ -198,15 +204,18 @@ class _Repair:
                 best = (float(values[i]), name, i)
         return None if best is None else (best[1], best[2])
 
-    def pay_lowest(self, debt: int, paths: Paths | None) -> None:
-        """With the lowest-scored weights of tensors above their floor, keeping every tensor that is
-        on a path on one."""
+    def pay_lowest(self, debt: int, paths: Paths | None, only: str | None = None) -> int:
+        """With the lowest-scored weights of tensors above their floor (of tensor `only` when
+        given), keeping every tensor that is on a path on one. Returns what is still owed, which
+        is 0 unless `only` has nothing left to give."""
         on_path_before = (
             {n: paths.on_path(n, m) > 0 for n, m in self.masks.items()} if debt > 0 and paths else {}
         )
         refused: set[tuple[str, int]] = set()
         while debt > 0:
-            cheapest = self._cheapest(refused)
+            cheapest = self._cheapest(refused, only)
+            if cheapest is None and only is not None:
+                return debt
             if cheapest is None:
                 raise RuntimeError(
                     "the layer-collapse guard found no weight it could give up; lower `layer_floor`."
@@ -222,6 +231,7 @@ class _Repair:
                 refused.add((name, index))
                 continue
             debt -= 1
+        return 0
 
     def finish(self) -> tuple[dict[str, Tensor], GuardReport]:
         if self.report.connectivity_checked:
@@ -241,6 +251,7 @@ def guard_masks(
     model: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     batch: Any = None,
+    per_layer: bool = False,
 ) -> tuple[dict[str, Tensor], GuardReport]:
     """Repair `masks` (from [`global_masks()`][lightning_prospr.selection.global_masks] on `scores`) so that
     no tensor collapses and, given `model`, `loss_fn` and a `batch`, every tensor keeps a
@@ -254,6 +265,9 @@ def guard_masks(
             `forward`: the check runs `loss_fn`, see `path_gradients()`).
         loss_fn: `loss_fn(model, batch) -> loss`, the same loss that was scored.
         batch: one batch of the scoring data.
+        per_layer: pay for each addition within the tensor it was made in, so that every layer keeps
+            its count (for masks of a per-layer [`allocation`][lightning_prospr.allocation]);
+            additions a tensor cannot pay for (it is at its floor) are paid as without it.
 
     Where the linearized loss pass cannot run (it raises) or finds no path at all, the check is
     skipped and `GuardReport.skipped` says why; tensors that carry no signal from the batch
@@ -273,6 +287,11 @@ def guard_masks(
         repair.connect()
     debt = repair.kept() - repair.kept_total
     paths = repair.paths()
+    if per_layer:
+        for name, added in list(repair.report.added.items()):
+            owed = repair.pay_off_path(added, paths, only=name) if paths is not None else added
+            debt -= added - repair.pay_lowest(owed, paths, only=name)
+        paths = repair.paths() if debt > 0 else paths
     if debt > 0 and paths is not None:
         debt = repair.pay_off_path(debt, paths)
     repair.pay_lowest(debt, paths)

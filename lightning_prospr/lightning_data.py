@@ -16,7 +16,7 @@ from lightning_prospr.batches import cycled
 from lightning_prospr.compat import before_batch_transfer, train_data_source
 from lightning_prospr.pipeline import example_input_of
 
-__all__ = ["draw_batches", "example_input"]
+__all__ = ["draw_batches", "example_input", "first_batch_on"]
 
 
 def _train_dataloader(trainer: pl.Trainer) -> Any:
@@ -57,6 +57,16 @@ def draw_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int)
         batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         moved.append((i, batch))
     return moved
+
+
+def first_batch_on(trainer: pl.Trainer, pl_module: pl.LightningModule, device: Any) -> tuple[int, Any]:
+    """The loader's first batch as `(0, batch)` on `device` (where the module is before the
+    strategy moves it: the resume of a shrunk run traces the module in `setup`)."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    batch = next(iter(_iter_batches(_train_dataloader(trainer))))
+    batch = trainer.precision_plugin.convert_input(batch)
+    return 0, move_data_to_device(before_batch_transfer(pl_module, batch), device)
 
 
 def example_input(pl_module: pl.LightningModule, batch: Any) -> Tensor | None:

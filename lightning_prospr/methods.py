@@ -171,7 +171,12 @@ def _synflow_rounds(run: Run) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Iterative SynFlow (its own rounds, masks multiplied in); the guard gets one-shot scores."""
     s, example = run.settings, _synflow_input(run)
     masks = iterative_synflow_masks(
-        run.model, s.sparsity, rounds=s.rounds_used, parameters=run.names, example_input=example
+        run.model,
+        s.sparsity,
+        rounds=s.rounds_used,
+        parameters=run.names,
+        example_input=example,
+        allocation=s.allocation,
     )
     return masks, synflow_scores(run.model, parameters=run.names, example_input=example)
 

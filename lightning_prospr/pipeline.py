@@ -15,14 +15,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_prospr.batches import BatchStream
+from lightning_prospr.channels import ChannelGroups, channel_groups
+from lightning_prospr.effective import EffectiveMasks, effective_masks, replace_dead_weights
 from lightning_prospr.guard import GuardReport, guard_masks
 from lightning_prospr.masking import current_masks
 from lightning_prospr.methods import Run
 from lightning_prospr.model_state import preserved_state
 from lightning_prospr.prunable import parameter_key, resolve_parameters
-from lightning_prospr.selection import global_masks
+from lightning_prospr.selection import select_masks
 from lightning_prospr.settings import PruningSettings
 from lightning_prospr.stateless import LossFn, StatelessLoss
+from lightning_prospr.structured import select_channels
 
 __all__ = ["MaskResult", "ScoreHook", "compute_masks", "density_schedule", "layer_macs", "pruned_names"]
 
@@ -41,6 +44,13 @@ class MaskResult:
         guard: what the layer-collapse guard changed.
         seconds: wall time of scoring and selection.
         macs: multiply-accumulates per sample of each pruned layer when dense (structured only).
+        effective: the kept weights that lie on an input-to-output path
+            ([`effective_masks`][lightning_prospr.effective.effective_masks]), or `None` when
+            the linearized loss pass could not run (`effective_skipped` says why).
+        effective_skipped: why `effective` is `None`.
+        coupled: structured only: `{parameter: bool mask}` of the biases and norm scales and shifts
+            of the removed channels, masked with them so that a removed channel is dead.
+        groups: structured only: the channel groups, and the weights left whole with the reason.
     """
 
     masks: dict[str, Tensor]
@@ -48,6 +58,10 @@ class MaskResult:
     guard: GuardReport = field(default_factory=GuardReport)
     seconds: float = 0.0
     macs: dict[str, int] = field(default_factory=dict)
+    effective: EffectiveMasks | None = None
+    effective_skipped: str | None = None
+    coupled: dict[str, Tensor] = field(default_factory=dict)
+    groups: ChannelGroups | None = None
 
 
 def density_schedule(sparsity: float, rounds: int) -> list[float]:
@@ -135,20 +149,58 @@ def compute_masks(
     stream = BatchStream(batches)
     names = pruned_names(model, settings, loss_fn, stream.peek())
     example = example_input if example_input is not None else example_input_of(stream.peek())
+    groups = None
+    if settings.structured:
+        groups = _channel_groups(model, loss_fn, stream.peek(), names)
+        names = [n for n in names if groups.group_of(n) is not None]
     run = Run(model, loss_fn, stream, names, settings, example)
     within = {n: m.bool() for n, m in current_masks(model, names).items()} or None
-    masks, scores = _select(run, within, score_hook)
-    guard = GuardReport()
-    if settings.guard != "off":
-        masks, guard = _guard(run, scores, masks)
     channel_masks: dict[str, Tensor] = {}
+    coupled: dict[str, Tensor] = {}
     macs: dict[str, int] = {}
-    if settings.structured:
-        named = dict(model.named_parameters())
-        channel_masks = {n: m.reshape(-1) for n, m in masks.items()}
-        masks = {n: m.expand_as(named[parameter_key(named, n)]).clone() for n, m in masks.items()}
+    if groups is not None:
+        chosen = select_channels(run, groups.groups, within, score_hook, density_schedule)
+        masks, coupled, channel_masks, guard = (
+            chosen.masks,
+            chosen.coupled,
+            chosen.channel_masks,
+            chosen.guard,
+        )
         macs = layer_macs(model, loss_fn, stream.peek(), list(masks))
-    return MaskResult(masks, channel_masks, guard, time.perf_counter() - start, macs)
+    else:
+        masks, scores = _select(run, within, score_hook)
+        guard = GuardReport()
+        if settings.guard != "off":
+            masks, guard = _guard(run, scores, masks, within)
+    seconds = time.perf_counter() - start
+    effective, skipped = None, None
+    try:
+        effective = effective_masks(model, masks, loss_fn, stream.peek())
+    except Exception as err:  # the user's loss on the linearized network: anything can happen
+        skipped = f"the loss pass on the linearized network raised {type(err).__name__}: {err}"
+    return MaskResult(masks, channel_masks, guard, seconds, macs, effective, skipped, coupled, groups)
+
+
+def _channel_groups(model: nn.Module, loss_fn: LossFn, batch: Any, names: list[str]) -> ChannelGroups:
+    """The channel groups of `names`, with one warning naming the weights left whole."""
+    groups = channel_groups(model, loss_fn, batch, names)
+    if not groups.groups:
+        reasons = "; ".join(f"{n}: {why}" for n, why in groups.excluded.items())
+        raise ValueError(f"structured pruning found no channel group it can remove ({reasons}).")
+    if groups.excluded:
+        by_reason: dict[str, list[str]] = {}
+        for name, why in groups.excluded.items():
+            by_reason.setdefault(why, []).append(name)
+        shown = "; ".join(
+            f"{', '.join(n[:4])}{', ...' if len(n) > 4 else ''} ({why})" for why, n in by_reason.items()
+        )
+        warnings.warn(
+            f"structured pruning keeps {len(groups.excluded)} weight(s) whole: {shown}. Their channels are "
+            "not counted in `sparsity`; pass `parameters` to prune only the others and silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return groups
 
 
 def _select(
@@ -165,33 +217,47 @@ def _select(
     current = within
     masks: dict[str, Tensor] = {}
     scores: dict[str, Tensor] = {}
+    named = dict(run.model.named_parameters())
+    shapes = {n: tuple(named[parameter_key(named, n)].shape) for n in run.names}
     for target in density_schedule(settings.sparsity, settings.rounds_used):
         scores = method.score(run, current)
         if score_hook is not None:
             scores = score_hook(scores)
-        if current is not None and settings.structured:  # existing masks, as channel masks
-            current = {
-                n: m.reshape(m.shape[0], -1).any(dim=1).reshape(scores[n].shape) for n, m in current.items()
-            }
-        masks = global_masks(scores, target, within=current)
+        masks = select_masks(scores, target, allocation=settings.allocation, within=current, shapes=shapes)
         current = masks
     return masks, scores
 
 
 def _guard(
-    run: Run, scores: dict[str, Tensor], masks: dict[str, Tensor]
+    run: Run, scores: dict[str, Tensor], masks: dict[str, Tensor], within: dict[str, Tensor] | None
 ) -> tuple[dict[str, Tensor], GuardReport]:
-    connect = run.settings.guard == "connected" and not run.settings.structured
-    masks, report = guard_masks(
+    settings = run.settings
+    connect = settings.guard in ("connected", "effective") and not settings.structured
+    repaired, report = guard_masks(
         scores,
         masks,
-        layer_floor=run.settings.layer_floor,
+        layer_floor=settings.layer_floor,
         model=run.model if connect else None,
         loss_fn=run.loss_fn if connect else None,
         batch=run.stream.peek(),
+        per_layer=settings.allocation != "global",
     )
     _warn_unchecked(report)
-    return masks, report
+    if settings.guard == "effective" and report.connectivity_checked:
+        named = dict(run.model.named_parameters())
+        repaired, report.replaced = replace_dead_weights(
+            run.model,
+            run.loss_fn,
+            run.stream.peek(),
+            scores,
+            repaired,
+            settings.sparsity,
+            allocation=settings.allocation,
+            within=within,
+            keep={n: repaired[n] & ~masks[n] for n in repaired},
+            shapes={n: tuple(named[parameter_key(named, n)].shape) for n in repaired},
+        )
+    return repaired, report
 
 
 def _warn_unchecked(guard: GuardReport) -> None:

@@ -14,7 +14,9 @@ __all__ = ["LayerSparsity", "SparsityReport", "density_figure"]
 @dataclass(frozen=True)
 class LayerSparsity:
     """Kept and total weights of one pruned tensor; for structured pruning also its output channels
-    and the multiply-accumulates per sample of the dense layer (`macs`, 0 when unknown)."""
+    and the multiply-accumulates per sample of the dense layer (`macs`, 0 when unknown); the kept
+    weights that lie on an input-to-output path (`effective_kept`, `None` when unknown; see
+    [`effective`][lightning_prospr.effective])."""
 
     name: str
     kept: int
@@ -22,6 +24,7 @@ class LayerSparsity:
     channels_kept: int = 0
     channels_total: int = 0
     macs: int = 0
+    effective_kept: int | None = None
 
     @property
     def density(self) -> float:
@@ -33,6 +36,13 @@ class LayerSparsity:
         """Fraction removed."""
         return 1.0 - self.density
 
+    @property
+    def effective_sparsity(self) -> float | None:
+        """Fraction removed or cut off from every input-to-output path."""
+        if self.effective_kept is None:
+            return None
+        return 1.0 - self.effective_kept / self.total if self.total else 0.0
+
 
 @dataclass(frozen=True)
 class SparsityReport:
@@ -41,6 +51,8 @@ class SparsityReport:
     layers: tuple[LayerSparsity, ...]
     seconds: float = 0.0
     method: str = ""
+    #: `(parameters before, after)` when the pruned channels were removed physically (`shrink`).
+    shrunk: tuple[int, int] | None = None
 
     @classmethod
     def from_masks(
@@ -50,8 +62,10 @@ class SparsityReport:
         method: str = "",
         channel_masks: Mapping[str, Tensor] | None = None,
         macs: Mapping[str, int] | None = None,
+        effective: Mapping[str, Tensor] | None = None,
     ) -> SparsityReport:
-        """Count kept weights in `{name: bool mask}` (and kept channels, for structured masks)."""
+        """Count kept weights in `{name: bool mask}` (and kept channels, for structured masks; and
+        effective weights, given the on-path masks `effective`)."""
         channel_masks = channel_masks or {}
         layers = tuple(
             LayerSparsity(
@@ -61,6 +75,7 @@ class SparsityReport:
                 int(channel_masks[name].count_nonzero()) if name in channel_masks else 0,
                 channel_masks[name].numel() if name in channel_masks else 0,
                 int((macs or {}).get(name, 0)),
+                int(effective[name].count_nonzero()) if effective is not None else None,
             )
             for name, mask in masks.items()
         )
@@ -102,10 +117,29 @@ class SparsityReport:
         """Global fraction removed over all pruned tensors."""
         return 1.0 - self.kept / self.total if self.total else 0.0
 
+    @property
+    def effective_sparsity(self) -> float | None:
+        """Global fraction removed or cut off from every input-to-output path (`None` when unknown)."""
+        if not self.layers or any(layer.effective_kept is None for layer in self.layers):
+            return None
+        kept = sum(layer.effective_kept or 0 for layer in self.layers)
+        return 1.0 - kept / self.total if self.total else 0.0
+
     def metrics(self, prefix: str = "prospr") -> dict[str, float]:
-        """Flat metrics for loggers: global and per-layer sparsity, and scoring seconds."""
+        """Flat metrics for loggers: global and per-layer sparsity (nominal, and effective when
+        known), and scoring seconds."""
         out = {f"{prefix}/sparsity": self.sparsity, f"{prefix}/scoring_seconds": self.seconds}
         out.update({f"{prefix}/sparsity/{layer.name}": layer.sparsity for layer in self.layers})
+        if self.effective_sparsity is not None:
+            out[f"{prefix}/effective_sparsity"] = self.effective_sparsity
+            out.update(
+                {
+                    f"{prefix}/effective_sparsity/{layer.name}": float(layer.effective_sparsity or 0.0)
+                    for layer in self.layers
+                }
+            )
+        if self.shrunk is not None:
+            out[f"{prefix}/parameters_before"], out[f"{prefix}/parameters_after"] = map(float, self.shrunk)
         if self.structured:
             rebuild = self.dense_rebuild()
             out[f"{prefix}/weights_kept_fraction"] = rebuild["weights_kept"] / max(1, rebuild["weights"])
@@ -127,6 +161,13 @@ class SparsityReport:
             f"{self.total:,}",
             f"{100 * (1 - self.sparsity):.2f} %",
         )
+        if self.effective_sparsity is not None:
+            header = (*header, "Effective")
+            rows = [
+                (*row, f"{100 * (1 - (layer.effective_sparsity or 0.0)):.2f} %")
+                for row, layer in zip(rows, self.layers, strict=True)
+            ]
+            total_row = (*total_row, f"{100 * (1 - self.effective_sparsity):.2f} %")
         if self.structured:
             header = (*header, "Channels")
             rows = [
@@ -139,7 +180,7 @@ class SparsityReport:
             )
             total_row = (*total_row, f"{channels[0]}/{channels[1]}")
         widths = [max(len(r[c]) for r in (header, *rows, total_row)) for c in range(len(header))]
-        right = {2, 3, 4, 5}
+        right = set(range(2, len(header)))
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
@@ -151,13 +192,29 @@ class SparsityReport:
         line = "-" * len(fmt(header))
         title = f"ProsPr pruning{f' ({self.method})' if self.method else ''}"
         lines = [title, fmt(header), line, *map(fmt, rows), line, fmt(total_row)]
-        lines.append(f"Global sparsity: {100 * self.sparsity:.2f} %   Scoring time: {self.seconds:.2f} s")
+        effective = self.effective_sparsity
+        lines.append(
+            f"Global sparsity: {100 * self.sparsity:.2f} %"
+            + (f"   Effective: {100 * effective:.2f} %" if effective is not None else "")
+            + f"   Scoring time: {self.seconds:.2f} s"
+        )
+        if effective is not None:
+            lines.append(
+                "Effective: kept weights on an input-to-output path (the others carry nothing; "
+                "Vysogorets & Kempe, 2021)."
+            )
         if self.structured:
             rebuild = self.dense_rebuild()
             text = f"Dense re-build: weights {rebuild['weights']:,} -> {rebuild['weights_kept']:,}"
             if rebuild["macs"]:
                 text += f", MACs per sample {rebuild['macs']:,.0f} -> {rebuild['macs_kept']:,.0f}"
             lines.append(text + " (own output channels only; a lower bound on the saving)")
+        if self.shrunk is not None:
+            before, after = self.shrunk
+            lines.append(
+                f"Shrunk: the pruned channels removed, parameters {before:,} -> {after:,} "
+                f"({100 * after / max(1, before):.1f} %)"
+            )
         return "\n".join(lines)
 
 

@@ -1,14 +1,19 @@
-"""Scores -> keep-masks: global top-k with exact counts and deterministic tie-breaking."""
+"""Scores -> keep-masks: top-k with exact counts and deterministic tie-breaking, over all layers
+together ([`global_masks`][lightning_prospr.selection.global_masks]) or within each layer's budget
+([`select_masks`][lightning_prospr.selection.select_masks] with an
+[`allocation`][lightning_prospr.allocation])."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["global_masks", "pruned_count"]
+from lightning_prospr.allocation import ALLOCATIONS, layer_budgets
+
+__all__ = ["global_masks", "pruned_count", "select_masks"]
 
 
 def pruned_count(sparsity: float, total: int) -> int:
@@ -85,4 +90,76 @@ def global_masks(
     for name, s in scores.items():
         masks[name] = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)
         offset += s.numel()
+    return masks
+
+
+def select_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    allocation: str = "global",
+    within: Mapping[str, Tensor] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, Tensor]:
+    """Keep-masks that remove exactly `round(sparsity * N)` of the `N` scored units, with the
+    layer densities of `allocation`.
+
+    Args:
+        scores: `{name: scores}`, higher = more important (one per weight, or one per output
+            channel of shape `(out, 1, ..., 1)` for structured pruning).
+        sparsity: the fraction of all scored units to remove, in [0, 1).
+        allocation: `"global"` ([`global_masks`][lightning_prospr.selection.global_masks]: one
+            top-k over all layers), `"uniform"` or `"erk"`
+            ([`layer_budgets`][lightning_prospr.allocation.layer_budgets]: each layer keeps its
+            budget, chosen by its own scores).
+        within: existing keep-masks; weights outside them stay removed and count towards
+            `sparsity` (a layer's budget is capped at what it still has).
+        shapes: the weight shapes, for `"erk"`; by default the scores' shapes (pass them when the
+            scores are per channel).
+
+    Ties are broken as in `global_masks`: the earlier position in the layer is removed first.
+    """
+    if allocation == "global":
+        return global_masks(scores, sparsity, within)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"`allocation` must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}."
+        )
+    check_sparsity(sparsity)
+    if not scores:
+        raise ValueError("`scores` is empty: there is nothing to select from.")
+    flat = {n: s.detach().reshape(-1).to(torch.float64) for n, s in scores.items()}
+    bad = [n for n, f in flat.items() if torch.isnan(f).any()]
+    if bad:
+        raise ValueError(f"scores of {bad} contain NaN; refusing to select masks from them.")
+    allowed = {
+        n: within[n].reshape(-1).to(f.device, torch.bool)
+        if within and n in within
+        else torch.ones_like(f, dtype=torch.bool)
+        for n, f in flat.items()
+    }
+    total = sum(f.numel() for f in flat.values())
+    kept = total - pruned_count(sparsity, total)
+    capacity = {n: int(a.sum()) for n, a in allowed.items()}
+    if kept > sum(capacity.values()):
+        already = total - sum(capacity.values())
+        raise ValueError(
+            f"{already} of {total} weights ({100 * already / total:.2f} %) are already pruned, more "
+            f"than `sparsity`={sparsity} removes; ask for a sparsity of at least {already / total:.4f}."
+        )
+    shapes = shapes or {n: tuple(s.shape) for n, s in scores.items()}
+    budgets = layer_budgets(
+        {n: shapes[n] for n in flat},
+        kept,
+        allocation,
+        units={n: f.numel() for n, f in flat.items()},
+        capacity=capacity,
+    )
+    masks = {}
+    for name, s in scores.items():
+        ranked = flat[name].masked_fill(~allowed[name], -math.inf)
+        keep = torch.zeros_like(allowed[name])
+        if budgets[name]:
+            keep[torch.sort(ranked, stable=True).indices[-budgets[name] :]] = True
+        masks[name] = keep.reshape(s.shape).to(s.device)
     return masks

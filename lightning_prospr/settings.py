@@ -16,17 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lightning_prospr.allocation import ALLOCATIONS
 from lightning_prospr.selection import check_sparsity
 
 if TYPE_CHECKING:
     from lightning_prospr.methods import Method
 
-__all__ = ["GUARDS", "MODES", "PruningSettings"]
+__all__ = ["ALLOCATIONS", "GUARDS", "MODES", "PruningSettings"]
 
 #: ProsPr's ways to differentiate through the unroll (see `mode`).
 MODES = ("full", "first_order", "recompute")
 #: The layer-collapse guard's settings (see `guard`).
-GUARDS = ("connected", "floor", "off")
+GUARDS = ("connected", "effective", "floor", "off")
 
 #: The options a method may not use, checked against their defaults: (option, what it is).
 _METHOD_OPTIONS = {
@@ -73,6 +74,11 @@ class PruningSettings:
             ([`prunable_parameters`][lightning_prospr.prunable.prunable_parameters]); the
             classifier is left out of it when `structured`.
         structured: one mask per output channel instead of per weight; `sparsity` counts channels.
+        allocation: how dense each layer is: `"global"` (default: one top-k over all layers, the
+            scores decide), `"uniform"` (every layer keeps $1 - s$) or `"erk"` (RigL's
+            Erdős–Rényi-Kernel densities, $\\propto \\sum_i n_i / \\prod_i n_i$ of the weight
+            shape); with the last two the scores choose within each layer
+            ([`allocation`][lightning_prospr.allocation]). Per channel when `structured`.
         rounds: iterative pruning in this many rounds on an exponential density schedule,
             re-scoring the masked network each round; `None` is the method's own default
             ([`rounds_used`][lightning_prospr.settings.PruningSettings.rounds_used]: 1, and 100 for
@@ -81,15 +87,17 @@ class PruningSettings:
             new batches, one in memory at a time.
         grasp_batches: GraSP: its loss is summed over this many batches.
         guard: the layer-collapse guard: `"connected"` (default: every tensor keeps `layer_floor`
-            weights and a weight on a path from the input to the loss), `"floor"` (the floor only)
-            or `"off"` (plain global top-k).
+            weights and a weight on a path from the input to the loss), `"effective"` (that, and
+            then every kept weight on a path: dead weights give their places to the best-scored
+            live ones, [`replace_dead_weights`][lightning_prospr.effective.replace_dead_weights]),
+            `"floor"` (the floor only) or `"off"` (plain top-k).
         layer_floor: the guard's minimum of weights kept per tensor.
         seed: the random method's seed.
 
     Example:
         >>> from lightning_prospr import PruningSettings
         >>> PruningSettings(0.9).describe()
-        'ProsPr M=3, lr=0.1, full mode, 1 round, guard: connected, floor 1'
+        'ProsPr M=3, lr=0.1, full mode, 1 round, global allocation, guard: connected, floor 1'
         >>> PruningSettings(0.9, method="synflow").rounds_used
         100
         >>> PruningSettings(0.9, method="grasp", lr=0.5)  # doctest: +ELLIPSIS
@@ -107,6 +115,7 @@ class PruningSettings:
     mode: str = "full"
     parameters: Sequence[str] | None = None
     structured: bool = False
+    allocation: str = "global"
     rounds: int | None = None
     unrolls: int = 1
     grasp_batches: int = 1
@@ -141,6 +150,7 @@ class PruningSettings:
             raise ValueError(f"`weight_decay` must be a finite number >= 0, got {wd!r}.")
         _choice("mode", self.mode, MODES)
         _choice("guard", self.guard, GUARDS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
         for name, low in (("unrolls", 1), ("grasp_batches", 1), ("layer_floor", 0)):
             _integer(name, getattr(self, name), low)
         if self.rounds is not None:
@@ -175,6 +185,11 @@ class PruningSettings:
                 f"`rounds`={self.rounds} needs a method that re-scores the masked network: one of "
                 f"{', '.join(_names(iterative=True))} (method={self.method!r} scores the same weights "
                 "every round)."
+            )
+        if self.structured and self.guard == "effective":
+            raise ValueError(
+                "guard='effective' replaces single dead weights, and structured masks keep whole "
+                "channels: use guard='connected' with structured=True."
             )
         if self.structured and not method.structured:
             raise ValueError(
@@ -212,11 +227,12 @@ class PruningSettings:
         parts = [self.method_spec.describe(self), f"{self.rounds_used} round{'s' * (self.rounds_used > 1)}"]
         if self.structured:
             parts.append("structured")
+        parts.append(f"{self.allocation} allocation")
         if self.unrolls > 1:
             parts.append(f"{self.unrolls} unrolls")
         if self.grasp_batches > 1:
             parts.append(f"{self.grasp_batches} batches")
-        guard = {"connected": "guard: connected", "floor": "guard: floor", "off": "guard: off"}[self.guard]
+        guard = f"guard: {self.guard}"
         parts.append(f"{guard}, floor {self.layer_floor}" if self.guard != "off" else guard)
         return ", ".join(parts)
 

@@ -71,6 +71,10 @@ def test_instance_attributes_are_checked_where_they_are_read():
         compat.forward_pre_hooks(object())
     with pytest.raises(CompatibilityError, match="_tensor_name"):
         compat.pruned_tensor_name(object())
+    with pytest.raises(CompatibilityError, match="_parameters"):
+        compat.module_tables(object())
+    with pytest.raises(CompatibilityError, match="_start_method"):
+        compat.ddp_start_method(object())
 
 
 def test_lightning_names_are_checked(monkeypatch):

@@ -139,9 +139,9 @@ def test_bf16_mixed_scoring_runs_under_autocast(tmp_path):
     # (guard="floor": the guard's float64 passes would add calls, which autocast leaves alone)
     model, callback = Net(), ProsprPruningCallback(sparsity=0.5, guard="floor", verbose=False)
     make_trainer(tmp_path, [callback], max_epochs=1, precision="bf16-mixed").fit(model, datamodule=Data())
-    # One call finds the weights to prune, M + 1 = 4 are the scoring unroll; then 10 training batches.
-    # All under autocast.
-    assert model.autocast_seen == [True] * (1 + 4 + 10)
+    # One call finds the weights to prune, M + 1 = 4 are the scoring unroll, 2 linearized passes
+    # (dense and masked) measure the effective sparsity; then 10 training batches. All under autocast.
+    assert model.autocast_seen == [True] * (1 + 4 + 2 + 10)
     assert callback.report.sparsity == pytest.approx(0.5, abs=0.01)
 
 

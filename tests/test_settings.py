@@ -17,12 +17,16 @@ def test_settings_are_frozen_and_say_every_default():
     settings = PruningSettings(0.9)
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.sparsity = 0.5  # type: ignore[misc]
-    assert settings.describe() == "ProsPr M=3, lr=0.1, full mode, 1 round, guard: connected, floor 1"
     assert (
-        PruningSettings(0.9, method="synflow").describe() == "SynFlow, 100 rounds, guard: connected, floor 1"
+        settings.describe()
+        == "ProsPr M=3, lr=0.1, full mode, 1 round, global allocation, guard: connected, floor 1"
+    )
+    assert (
+        PruningSettings(0.9, method="synflow").describe()
+        == "SynFlow, 100 rounds, global allocation, guard: connected, floor 1"
     )
     assert PruningSettings(0.9, momentum=0.9, mode="recompute", guard="off").describe() == (
-        "ProsPr M=3, lr=0.1, momentum 0.9, recompute mode, 1 round, guard: off"
+        "ProsPr M=3, lr=0.1, momentum 0.9, recompute mode, 1 round, global allocation, guard: off"
     )
     assert PruningSettings(0.9, parameters=["a.weight"]).parameters == ("a.weight",)
 
@@ -62,7 +66,7 @@ def test_a_new_method_is_one_registry_entry(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     settings = PruningSettings(0.5, method="first-layer-first", rounds=2, guard="off")
-    assert settings.describe() == "first layer first, 2 rounds, guard: off"
+    assert settings.describe() == "first layer first, 2 rounds, global allocation, guard: off"
     masks = compute_masks(model, ce_loss, batches, settings).masks
     # 28 of the 56 weights removed: the second layer's 24 (the lower score), then the first 4 of layer 0
     assert int(masks["0.weight"].sum()) == 28 and int(masks["2.weight"].sum()) == 0
