@@ -1,0 +1,205 @@
+"""What shrinking buys: train-step and inference time, parameters and MACs, dense vs masked vs shrunk.
+
+Run from the repository root::
+
+    python benchmarks/shrink.py                      # ResNet-20 and VGG-16-BN at 50 / 75 / 90 %
+    python benchmarks/shrink.py --quick              # smoke test (ResNet-20, 50 %, batch 16)
+
+For each model (CIFAR-shaped random images, 10 classes, cross-entropy) and structured sparsity,
+structured ProsPr masks (default settings, one scoring batch of 32) give three networks from the
+same initialization:
+
+* **dense**: the network as built;
+* **masked**: the dense network under the structured masks (`apply_masks`, the
+  `torch.nn.utils.prune` re-parametrization the callback uses without `shrink`);
+* **shrunk**: the dense network after `shrink(...)`, the pruned channels removed.
+
+Each is timed in the same process, interleaved (one call of each per repetition, so that drift in
+the machine's load affects all three alike): a **train step** (`zero_grad`, forward, backward,
+SGD step with momentum) and an **inference** pass (eval mode, `torch.no_grad`), at `--batch`
+(default 128). The figure is the median CPU time of the process over `--repeats` calls after one
+warm-up call, with `--threads` (default 1) OpenMP threads: with one thread the CPU time counts the
+work done whatever else runs on the machine. Parameters are counted; MACs are those of one
+forward pass of one image (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2). The masked
+network runs the dense kernels, so its MACs are the dense ones.
+
+The goals (issue "Prune at initialization, train faster"): at 75 % the shrunk train step is at most
+0.7x the dense one, and the measured speedup is at least 0.7x the MAC reduction at batch 128
+(`speedup / MAC reduction` >= 0.7 in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from common.timing import timed
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_prospr import PruningSettings, apply_masks, compute_masks, shrink
+from lightning_prospr.models import VGG16BN, ResNet20
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "vgg16bn": VGG16BN}
+COLUMNS = [
+    "model", "sparsity", "variant", "parameters", "macs", "train_s", "infer_s",
+    "train_vs_dense", "infer_vs_dense", "mac_reduction", "train_speedup_vs_macs",
+]  # fmt: skip
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def macs(model: nn.Module) -> int:
+    """Multiply-accumulates of one forward pass of one 32x32 image."""
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple) -> Callable[[], None]:
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        optimizer.step()
+
+    return step
+
+
+def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def networks(name: str, sparsity: float, seed: int) -> dict[str, nn.Module]:
+    """Dense, masked and shrunk networks of one initialization."""
+    torch.manual_seed(seed)
+    dense = MODELS[name]()
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    scoring = [(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))]
+    result = compute_masks(dense, loss_fn, scoring, PruningSettings(sparsity=sparsity, structured=True))
+    masked = MODELS[name]()
+    masked.load_state_dict(state)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    small = MODELS[name]()
+    small.load_state_dict(state)
+    shrink(small, result.channel_masks, loss_fn=loss_fn, example_input=scoring[0])
+    dense.load_state_dict(state)
+    return {"dense": dense, "masked": masked, "shrunk": small}
+
+
+def measure(name: str, sparsity: float, batch: int, repeats: int, seed: int) -> list[dict[str, object]]:
+    nets = networks(name, sparsity, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = (torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+    calls = {}
+    for variant, net in nets.items():
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        calls[variant] = (train_step(net, optimizer, data), inference(net, data[0]))
+    times: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in nets}
+    for repeat in range(repeats + 1):
+        for variant, (step, infer) in calls.items():
+            train_cpu, infer_cpu = timed(step)[1], timed(infer)[1]
+            if repeat:  # the first call of each is a warm-up
+                times[variant][0].append(train_cpu)
+                times[variant][1].append(infer_cpu)
+    rows = []
+    dense_macs = macs(nets["dense"])
+    medians = {v: (statistics.median(t), statistics.median(i)) for v, (t, i) in times.items()}
+    for variant, net in nets.items():
+        net_macs = dense_macs if variant == "masked" else macs(net)
+        train_s, infer_s = medians[variant]
+        train_vs, infer_vs = train_s / medians["dense"][0], infer_s / medians["dense"][1]
+        reduction = dense_macs / net_macs
+        rows.append(
+            {
+                "model": name,
+                "sparsity": sparsity,
+                "variant": variant,
+                "parameters": sum(p.numel() for p in net.parameters()),
+                "macs": net_macs,
+                "train_s": round(train_s, 4),
+                "infer_s": round(infer_s, 4),
+                "train_vs_dense": round(train_vs, 3),
+                "infer_vs_dense": round(infer_vs, 3),
+                "mac_reduction": round(reduction, 2),
+                "train_speedup_vs_macs": round((1 / train_vs) / reduction, 2),
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict[str, object]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| model | sparsity | network | parameters | MACs / image | train step s | vs dense | inference s "
+        "| vs dense | MAC reduction | train speedup / MAC reduction |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {float(r['sparsity']):.0%} | {r['variant']} | {int(r['parameters']):,} "
+            f"| {int(r['macs']) / 1e6:.1f} M | {r['train_s']} | {float(r['train_vs_dense']):.2f}x "
+            f"| {r['infer_s']} | {float(r['infer_vs_dense']):.2f}x | {float(r['mac_reduction']):.1f}x "
+            f"| {float(r['train_speedup_vs_macs']):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.75, 0.9])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/shrink"))
+    parser.add_argument("--quick", action="store_true", help="ResNet-20, 50 %%, batch 16, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.sparsities, args.batch, args.repeats = ["resnet20"], [0.5], 16, 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        for sparsity in args.sparsities:
+            rows.extend(measure(name, sparsity, args.batch, args.repeats, args.seed))
+            print(render(rows[-3:], f"{name} {sparsity:.0%}"), flush=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (
+        f"Structured ProsPr, batch {args.batch}, median CPU time of {args.repeats} interleaved calls, "
+        f"{args.threads} thread(s); torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}."
+    )
+    (args.out_dir / "results.md").write_text(render(rows, header), encoding="utf-8")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
