@@ -73,6 +73,10 @@ class ProsprPruningCallback(Callback):
         allocation: the layer densities: `"global"` (one top-k over all layers), `"uniform"` (the
             same density in every layer) or `"erk"` (RigL's Erdős–Rényi-Kernel rule); the scores
             choose within each layer ([`allocation`][lightning_prospr.allocation]).
+        pattern: `"N:M"` semi-structured masks, e.g. `"2:4"` for sparse tensor cores (N of every M
+            consecutive weights along each layer's input dimension;
+            [`semi_structured`][lightning_prospr.semi_structured]); `sparsity` must be $1 - N/M$,
+            with `guard="off"`.
         rounds: iterative pruning in this many rounds on an exponential density schedule,
             re-scoring the masked network each round; `None`: 1, and 100 for SynFlow (the report's
             description says which).
@@ -127,6 +131,7 @@ class ProsprPruningCallback(Callback):
         parameters: list[str] | None = None,
         structured: bool = False,
         allocation: str = "global",
+        pattern: str | None = None,
         rounds: int | None = None,
         unrolls: int = 1,
         grasp_batches: int = 1,
@@ -141,7 +146,7 @@ class ProsprPruningCallback(Callback):
     ) -> None:
         self.settings = PruningSettings(
             sparsity, method, steps, lr, momentum, weight_decay, mode, parameters, structured,
-            allocation, rounds, unrolls, grasp_batches, guard, layer_floor, seed,
+            allocation, pattern, rounds, unrolls, grasp_batches, guard, layer_floor, seed,
         )  # fmt: skip
         if reuse_batch and not self.settings.method_spec.data:
             raise ValueError(

@@ -23,6 +23,7 @@ from lightning_prospr.methods import Run
 from lightning_prospr.model_state import preserved_state
 from lightning_prospr.prunable import parameter_key, resolve_parameters
 from lightning_prospr.selection import select_masks
+from lightning_prospr.semi_structured import input_dimension, nm_masks, parse_pattern
 from lightning_prospr.settings import PruningSettings
 from lightning_prospr.stateless import LossFn, StatelessLoss
 from lightning_prospr.structured import select_channels
@@ -167,6 +168,8 @@ def compute_masks(
             chosen.guard,
         )
         macs = layer_macs(model, loss_fn, stream.peek(), list(masks))
+    elif settings.pattern is not None:
+        masks, guard = _pattern_masks(run, within, score_hook), GuardReport()
     else:
         masks, scores = _select(run, within, score_hook)
         guard = GuardReport()
@@ -226,6 +229,30 @@ def _select(
         masks = select_masks(scores, target, allocation=settings.allocation, within=current, shapes=shapes)
         current = masks
     return masks, scores
+
+
+def _pattern_masks(
+    run: Run, within: dict[str, Tensor] | None, score_hook: ScoreHook | None
+) -> dict[str, Tensor]:
+    """N:M masks from one scoring (see [`semi_structured`][lightning_prospr.semi_structured])."""
+    if within:
+        raise ValueError(
+            "`pattern` needs dense weights: the model already carries torch.nn.utils.prune masks on "
+            f"{', '.join(sorted(within))}; remove them first (torch.nn.utils.prune.remove)."
+        )
+    n, m = parse_pattern(str(run.settings.pattern))
+    scores = run.settings.method_spec.score(run, None)
+    if score_hook is not None:
+        scores = score_hook(scores)
+    dims = {name: input_dimension(run.model, name) for name in scores}
+    masks, dense = nm_masks(scores, n, m, dims)
+    if dense:
+        warnings.warn(
+            f"pattern={run.settings.pattern!r} leaves {len(dense)} weight(s) dense, whose input dimension is "
+            f"not a multiple of {m}: {', '.join(dense)}.",
+            stacklevel=3,
+        )
+    return masks
 
 
 def _guard(

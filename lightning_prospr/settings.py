@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_prospr.allocation import ALLOCATIONS
 from lightning_prospr.selection import check_sparsity
+from lightning_prospr.semi_structured import parse_pattern
 
 if TYPE_CHECKING:
     from lightning_prospr.methods import Method
@@ -79,6 +80,10 @@ class PruningSettings:
             Erdős–Rényi-Kernel densities, $\\propto \\sum_i n_i / \\prod_i n_i$ of the weight
             shape); with the last two the scores choose within each layer
             ([`allocation`][lightning_prospr.allocation]). Per channel when `structured`.
+        pattern: `"N:M"` semi-structured masks (`"2:4"` for sparse tensor cores): each group of M
+            consecutive weights along a layer's input dimension keeps its N best-scored ones
+            ([`semi_structured`][lightning_prospr.semi_structured]). `sparsity` must then be
+            $1 - N / M$; it needs `guard="off"`, the global allocation and one round.
         rounds: iterative pruning in this many rounds on an exponential density schedule,
             re-scoring the masked network each round; `None` is the method's own default
             ([`rounds_used`][lightning_prospr.settings.PruningSettings.rounds_used]: 1, and 100 for
@@ -116,6 +121,7 @@ class PruningSettings:
     parameters: Sequence[str] | None = None
     structured: bool = False
     allocation: str = "global"
+    pattern: str | None = None
     rounds: int | None = None
     unrolls: int = 1
     grasp_batches: int = 1
@@ -151,6 +157,8 @@ class PruningSettings:
         _choice("mode", self.mode, MODES)
         _choice("guard", self.guard, GUARDS)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
         for name, low in (("unrolls", 1), ("grasp_batches", 1), ("layer_floor", 0)):
             _integer(name, getattr(self, name), low)
         if self.rounds is not None:
@@ -191,11 +199,33 @@ class PruningSettings:
                 "guard='effective' replaces single dead weights, and structured masks keep whole "
                 "channels: use guard='connected' with structured=True."
             )
+        if self.pattern is not None:
+            self._check_pattern()
         if self.structured and not method.structured:
             raise ValueError(
                 f"`structured=True` supports method in {', '.join(_names(structured=True))}, "
                 f"not {self.method!r}."
             )
+
+    def _check_pattern(self) -> None:
+        n, m = parse_pattern(str(self.pattern))
+        if abs(self.sparsity - (1 - n / m)) > 1e-9:
+            raise ValueError(
+                f"`sparsity`={self.sparsity!r} contradicts pattern={self.pattern!r}, which removes "
+                f"{m - n} of every {m} weights: pass sparsity={1 - n / m!r}."
+            )
+        clashes = {
+            "structured": (self.structured, "an N:M pattern prunes single weights, not channels"),
+            "allocation": (self.allocation != "global", "the pattern gives every layer density N/M"),
+            "guard": (
+                self.guard != "off",
+                "the guard adds weights where a path needs them, which breaks the pattern; pass guard='off'",
+            ),
+            "rounds": (self.rounds not in (None, 1), "a pattern is one selection, not a schedule"),
+        }
+        for option, (clash, why) in clashes.items():
+            if clash:
+                raise ValueError(f"`{option}`={getattr(self, option)!r} does not apply with pattern: {why}.")
 
     # ------------------------------------------------------------------ derived
 
@@ -209,6 +239,8 @@ class PruningSettings:
     @property
     def rounds_used(self) -> int:
         """`rounds`, or the method's default when it is `None` (1; 100 for SynFlow)."""
+        if self.pattern is not None:
+            return 1
         return self.method_spec.default_rounds if self.rounds is None else self.rounds
 
     @property
@@ -227,7 +259,7 @@ class PruningSettings:
         parts = [self.method_spec.describe(self), f"{self.rounds_used} round{'s' * (self.rounds_used > 1)}"]
         if self.structured:
             parts.append("structured")
-        parts.append(f"{self.allocation} allocation")
+        parts.append(f"pattern {self.pattern}" if self.pattern else f"{self.allocation} allocation")
         if self.unrolls > 1:
             parts.append(f"{self.unrolls} unrolls")
         if self.grasp_batches > 1:

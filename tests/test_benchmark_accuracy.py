@@ -18,10 +18,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 COLUMNS = [
-    "model",
     "dataset",
+    "model",
     "method",
+    "allocation",
+    "guard",
+    "ablation",
     "sparsity",
+    "effective_sparsity",
     "seed",
     "test_acc",
     "val_acc",
@@ -29,6 +33,7 @@ COLUMNS = [
     "score_seconds",
     "train_seconds",
     "layer_density",
+    "effective_density",
     "guard_changes",
     "actual_sparsity",
     "zeros_ok",
@@ -48,25 +53,42 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
         "snip",
         "synflow",
         "prospr",
+        "prospr+erk",
+        "prospr+shuffle",
         "--sparsities",
         "0.9",
         "0.99",
     ]
     proc = run_script("accuracy", *args, "--out-dir", str(tmp_path), "--data-root", str(DATA))
-    assert "9 runs, 0 already in" in proc.stdout
+    assert "13 runs, 0 already in" in proc.stdout
 
     with open(tmp_path / "results.csv", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
-    assert len(rows) == 1 + 4 * 2  # dense once, 4 methods x 2 sparsities
-    assert {(r["method"], r["sparsity"]) for r in rows} >= {
-        ("dense", "0"),
-        ("prospr", "0.99"),
-        ("synflow", "0.9"),
+    assert len(rows) == 1 + 6 * 2  # dense once, 6 methods x 2 sparsities
+    assert {(r["method"], r["allocation"], r["ablation"], r["sparsity"]) for r in rows} >= {
+        ("dense", "global", "none", "0"),
+        ("prospr", "global", "none", "0.99"),
+        ("prospr", "erk", "none", "0.99"),
+        ("prospr", "global", "shuffle", "0.9"),
+        ("synflow", "global", "none", "0.9"),
+    }
+    by = {(r["method"], r["allocation"], r["ablation"], r["sparsity"]): r for r in rows}
+    plain, shuffled = by[("prospr", "global", "none", "0.99")], by[("prospr", "global", "shuffle", "0.99")]
+    assert plain["layer_density"] == shuffled["layer_density"]  # the shuffle keeps every layer's density
+    erk = json.loads(by[("prospr", "erk", "none", "0.99")]["layer_density"])
+    # ERK on 784-300-100-10 at 99 %: 2,662 kept, shares 1810.3, 668.0, 183.7 -> 1810, 668, 184
+    assert erk == {
+        "fc1.weight": round(1810 / 235200, 6),
+        "fc2.weight": round(668 / 30000, 6),
+        "fc3.weight": 0.184,
     }
     for row in rows:
         assert row["model"] == "lenet300100" and row["dataset"] == "mnist" and row["seed"] == "0"
+        effective = float(row["effective_sparsity"])
+        assert float(row["sparsity"]) - 1e-6 <= effective < 1.0
+        assert set(json.loads(row["effective_density"])) == {"fc1.weight", "fc2.weight", "fc3.weight"}
         assert 0.0 <= float(row["test_acc"]) <= 100.0 and 0.0 <= float(row["val_acc"]) <= 100.0
         assert float(row["final_train_loss"]) > 0 and float(row["train_seconds"]) > 0
         assert row["zeros_ok"] == "True"
@@ -77,7 +99,9 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
         else:
             # the effective weights have exactly the removed fraction of zeros
             assert abs(float(row["actual_sparsity"]) - float(row["sparsity"])) < 1e-4
-            assert all(0.0 < d < 1.0 for d in density.values())  # the guard keeps every layer alive
+            assert all(0.0 < d for d in density.values())  # the guard keeps every layer alive
+            # only ERK keeps a layer dense (fc3, 1,000 weights, is capped at density 1 at 90 %)
+            assert all(d < 1.0 for d in density.values()) or row["allocation"] == "erk"
         if row["guard_changes"]:
             assert set(json.loads(row["guard_changes"])) == {"added", "removed"}
 
@@ -85,7 +109,17 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
     assert "### LeNet-300-100 on MNIST" in table and "Dense: **" in table
     assert "| method | 90 % | 99 % |" in table
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in lines[1:5]] == ["random", "snip", "synflow", "prospr"]
+    assert [line.split("|")[1].strip() for line in lines[1:7]] == [
+        "random",
+        "snip",
+        "synflow",
+        "prospr",
+        "prospr+erk",
+        "prospr+shuffle",
+    ]
+    assert "#### Ablations: shuffled and re-initialized masks" in table
+    assert "| LeNet-300-100 | 99 % | prospr+shuffle |" in table
+    assert "#### Effective sparsity" in table
     assert " ± " in lines[1]
     assert "Command: `python benchmarks/accuracy.py --quick" in table
 
@@ -99,7 +133,7 @@ def test_quick_grid_writes_csv_table_and_plot(tmp_path: Path, capsys: pytest.Cap
         assert module.main([*args, "--out-dir", str(tmp_path), "--data-root", str(DATA)]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "9 runs, 9 already in" in capsys.readouterr().out
+    assert "13 runs, 13 already in" in capsys.readouterr().out
     assert len((tmp_path / "results.csv").read_text(encoding="utf-8").splitlines()) == 1 + len(rows)
 
 
@@ -206,6 +240,44 @@ def test_comparison_table_picks_the_best_baseline_per_cell() -> None:
     assert "| LeNet-5 | 98 % | prospr | 91.00 | snip 91.00 | **+0.00** | +1.00, -1.00 |" in text
     assert "| LeNet-5 | 98 % | prospr-iter | 89.50 | snip 91.00 | -1.50 | -1.00, -2.00 |" in text
     assert "90 %" not in text
+
+
+def test_method_labels_name_method_allocation_and_ablation() -> None:
+    module = load_script("accuracy")
+    variant = module.Variant.parse("prospr-iter+erk+shuffle")
+    assert (variant.base, variant.allocation, variant.ablation) == ("prospr-iter", "erk", "shuffle")
+    assert module.Variant.parse("snip+shuffle+uniform").label == "snip+uniform+shuffle"
+    for bad in ("prospr+erk+uniform", "dense+erk", "prospr+magic", "snap"):
+        with pytest.raises(ValueError):
+            module.Variant.parse(bad)
+    settings = module.settings_for("synflow+erk", 0.99, 0, module.Scoring(synflow_rounds=7))
+    assert (settings.method, settings.allocation, settings.rounds) == ("synflow", "erk", 7)
+
+
+def test_verdict_chooses_our_variant_on_validation_and_the_baseline_on_test() -> None:
+    module = load_script("accuracy")
+
+    def row(
+        method: str, seed: int, test: float, val: float, allocation: str = "global", ablation: str = "none"
+    ):
+        return {
+            "model": "lenet5", "method": method, "allocation": allocation, "ablation": ablation,
+            "sparsity": "0.99", "seed": str(seed), "test_acc": str(test), "val_acc": str(val),
+        }  # fmt: skip
+
+    rows = [row("snip", s, 90.0 + s, 95.0) for s in (0, 1)]  # best baseline on test: mean 90.5
+    rows += [row("random", s, 80.0, 99.0, "erk") for s in (0, 1)]  # best on val, but a baseline
+    rows += [row("prospr", s, 95.0, 90.0) for s in (0, 1)]  # best test, worse val: not chosen
+    rows += [row("prospr", s, 91.0, 92.0, "erk") for s in (0, 1)]  # best val among ours: chosen
+    rows += [row("prospr", s, 99.0, 99.5, "global", "shuffle") for s in (0, 1)]  # ablation: neither
+    text = module.render_verdict(rows, module.CATALOG)
+    assert "in 1 of 1 cells" in text
+    assert "| LeNet-5 | 99 % | prospr+erk | 91.00 ± 0.00 | snip | 90.50 ± 0.71 | **+0.50** | yes |" in text
+    ablations = module.render_ablations(rows, module.CATALOG)
+    assert (
+        "| LeNet-5 | 99 % | prospr+shuffle | 99.00 ± 0.00 | prospr | 95.00 ± 0.00 | +4.00 | +4.00, +4.00 |"
+        in ablations
+    )
 
 
 @pytest.mark.parametrize(

@@ -153,3 +153,29 @@ def test_fit_on_the_gpu(precision, tmp_path):
         module_name, _, attr = name.rpartition(".")
         weight = getattr(module.get_submodule(module_name), attr)
         assert weight.is_cuda and torch.count_nonzero(weight[~mask.to(weight.device)]) == 0
+
+
+def test_two_four_masks_export_to_semi_structured_kernels():
+    """pattern='2:4' masks, baked in, run on the sparse tensor cores and give the masked outputs."""
+    from lightning_prospr import PruningSettings, compute_masks, make_permanent
+    from lightning_prospr.masking import apply_masks
+    from lightning_prospr.semi_structured import to_semi_structured
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("semi-structured sparse kernels need compute capability 8.0 or later")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).cuda()
+    data = [
+        (torch.randn(64, 128, device="cuda"), torch.randint(0, 128, (64,), device="cuda")) for _ in range(4)
+    ]
+    result = compute_masks(net, ce, data, PruningSettings(0.5, pattern="2:4", guard="off"))
+    apply_masks(net, result.masks)
+    make_permanent(net)
+    net = net.half().eval()
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        expected = net(x)
+        assert to_semi_structured(net) == ["0.weight", "2.weight"]
+        got = net(x)
+    assert type(net[0].weight).__name__.startswith("SparseSemiStructuredTensor")
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
