@@ -9,38 +9,37 @@ batches and the loss from the fit ([`lightning_data`][lightning_prospr.lightning
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prospr.compat import check_lightning
-from lightning_prospr.lightning_data import draw_batches, example_input, first_batch_on
+from lightning_prospr.lightning_data import draw_batches, example_input
 from lightning_prospr.lightning_loss import ModuleLoss, logging_disabled
+from lightning_prospr.lightning_report import advance, publish, scoring_progress
+from lightning_prospr.lightning_shrink import (
+    check_shrink_options,
+    shrink_before_load,
+    shrink_in_fit,
+    stop_shrink_before_load,
+)
 from lightning_prospr.masking import apply_masks, plain_state_dict, remove_masks
 from lightning_prospr.pipeline import compute_masks
-from lightning_prospr.report import SparsityReport, density_figure
+from lightning_prospr.report import SparsityReport
 from lightning_prospr.rng import isolated_rng
 from lightning_prospr.settings import PruningSettings
-from lightning_prospr.shrinking import shrink
-from lightning_prospr.strategies import agree_on_masks, check_strategy, rebuild_after_shrink, sum_over_ranks
+from lightning_prospr.strategies import agree_on_masks, check_strategy, sum_over_ranks
 
 __all__ = ["ProsprPruningCallback"]
 
 check_lightning()
-
-#: Seconds of scoring before the progress bar appears.
-PROGRESS_DELAY = 1.0
 
 
 class ProsprPruningCallback(Callback):
@@ -152,15 +151,7 @@ class ProsprPruningCallback(Callback):
             raise ValueError(
                 f"`reuse_batch` does not apply to the data-free method={method!r}; leave it False."
             )
-        if shrink and not structured:
-            raise ValueError(
-                "`shrink=True` removes pruned channels, which only structured masks have: pass "
-                "structured=True."
-            )
-        if shrink and make_permanent:
-            raise ValueError(
-                "`make_permanent` does not apply with shrink=True: a shrunk network carries no masks."
-            )
+        check_shrink_options(shrink, structured, make_permanent)
         self.reuse_batch = bool(reuse_batch)
         self.shrink = bool(shrink)
         self.make_permanent = bool(make_permanent)
@@ -190,20 +181,23 @@ class ProsprPruningCallback(Callback):
         if stage == "fit":
             check_strategy(trainer.strategy, shrink=self.shrink)
             if self.shrink and not self._shrunk:
-                self._shrink_on_load(trainer, pl_module)
+                shrink_before_load(trainer, pl_module, self.state_key, self._restored_shrunk)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.__dict__.pop("on_load_checkpoint", None)
+        stop_shrink_before_load(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.__dict__.pop("on_load_checkpoint", None)
+        stop_shrink_before_load(pl_module)
         if self._shrunk:  # a resume: the module was shrunk before the checkpoint's tensors loaded
             self._report(trainer)
             return
         if self._masks is None:
             self._masks = self._compute_masks(trainer, pl_module)
             if self.shrink:
-                self._shrink(trainer, pl_module)
+                shrunk = shrink_in_fit(trainer, pl_module, self._channel_masks)
+                self._shrunk, self._masks = True, {}  # nothing left to mask
+                assert self.report is not None
+                self.report = replace(self.report, shrunk=shrunk)
                 self._report(trainer)
                 return
         else:
@@ -247,43 +241,10 @@ class ProsprPruningCallback(Callback):
         if self._masks is not None:
             remove_masks(pl_module, list(self._masks), bake=bake)
 
-    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> None:
-        """Remove the pruned channels, then let the strategy make the optimizers (and DDP) anew."""
-        if batch is None:
-            with isolated_rng():
-                batch = draw_batches(trainer, pl_module, 1)[0]
-        before = sum(p.numel() for p in pl_module.parameters())
-        with isolated_rng(), logging_disabled(pl_module):
-            shrink(
-                pl_module, self._channel_masks, example_input=batch, loss_fn=ModuleLoss(trainer, pl_module)
-            )
-        self._shrunk = True
-        self._masks = {}  # nothing left to mask
-        rebuild_after_shrink(trainer)
-        if self.report is not None:
-            self.report = replace(
-                self.report, shrunk=(before, sum(p.numel() for p in pl_module.parameters()))
-            )
-
-    def _shrink_on_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resuming a shrunk run: Lightning hands the checkpoint to the module's `on_load_checkpoint`
-        before it loads the (small) tensors into the (fresh, dense) module. Until `on_fit_start`,
-        that hook first shrinks the module as the checkpoint's was, then runs the module's own."""
-        own = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            state = checkpoint.get("callbacks", {}).get(self.state_key, {})
-            if "channel_masks" in state:
-                self._channel_masks = {n: m.bool() for n, m in state["channel_masks"].items()}
-                with isolated_rng(), logging_disabled(pl_module):
-                    batch = first_batch_on(trainer, pl_module, next(pl_module.parameters()).device)
-                    loss_fn = ModuleLoss(trainer, pl_module)
-                    shrink(pl_module, self._channel_masks, example_input=batch, loss_fn=loss_fn)
-                self._shrunk, self._masks = True, {}
-                self.report = SparsityReport.from_masks({}, method=f"{self.description}, shrunk, restored")
-            own(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+    def _restored_shrunk(self, channel_masks: dict[str, Tensor]) -> None:
+        """The module was shrunk as the checkpoint's was (a resume)."""
+        self._channel_masks, self._shrunk, self._masks = channel_masks, True, {}
+        self.report = SparsityReport.from_masks({}, method=f"{self.description}, shrunk, restored")
 
     def _check_restored(self, pl_module: pl.LightningModule) -> None:
         assert self._masks is not None
@@ -298,8 +259,8 @@ class ProsprPruningCallback(Callback):
     def _compute_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         start = time.perf_counter()
         loss_fn = ModuleLoss(trainer, pl_module)
-        bar = self._progress(trainer, self.settings.loss_passes + 1)  # + 1: the pass finding the weights
-        loss_fn.on_call = lambda: _advance(bar)
+        bar = scoring_progress(trainer, self.settings.loss_passes + 1)  # + 1: the pass finding the weights
+        loss_fn.on_call = lambda: advance(bar)
         with isolated_rng():
             batches = draw_batches(
                 trainer, pl_module, 1 if self.reuse_batch else self.settings.batches_per_run
@@ -332,41 +293,5 @@ class ProsprPruningCallback(Callback):
 
     def _report(self, trainer: pl.Trainer) -> None:
         assert self.report is not None
-        if self.verbose:
-            rank_zero_info(self.report.table())
-        for logger in trainer.loggers:
-            logger.log_metrics(self.report.metrics(), step=trainer.global_step)
-        if self.density_plot and trainer.is_global_zero:
-            self._plot(trainer)
-
-    def _plot(self, trainer: pl.Trainer) -> None:
-        """The per-layer density chart: a PNG next to the logs, and an image for TensorBoard."""
-        assert self.report is not None
-        figure = density_figure(self.report)
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.density_plot_path = str(folder / "prospr_density.png")
-        figure.savefig(self.density_plot_path, dpi=120)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("prospr/density", figure, global_step=trainer.global_step)
-
-    def _progress(self, trainer: pl.Trainer, total: int) -> Any:
-        """A bar over the scoring's loss evaluations, shown when the Trainer shows one and scoring
-        lasts more than `PROGRESS_DELAY` seconds; `None` otherwise."""
-        if total < 1 or trainer.progress_bar_callback is None or not trainer.is_global_zero:
-            return None
-        return Tqdm(
-            total=total,
-            desc="ProsPr scoring",
-            unit="pass",
-            delay=PROGRESS_DELAY,
-            leave=False,
-            file=sys.stderr,
-        )
-
-
-def _advance(bar: Any) -> None:
-    """One loss evaluation done; evaluations past the count (the guard's) leave the bar full."""
-    if bar is not None and bar.n < bar.total:
-        bar.update(1)
+        path = publish(self.report, trainer, self.verbose, self.density_plot)
+        self.density_plot_path = path or self.density_plot_path

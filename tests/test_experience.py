@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_prospr.callback as callback_module
+import lightning_prospr.lightning_report as lightning_report
 from lightning_prospr import ProsprPruningCallback, SparsityReport
 
 F = nn.functional
@@ -50,7 +50,7 @@ def fit(tmp_path, callback, **kwargs):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_progress_bar_follows_the_trainers(tmp_path, capsys, monkeypatch, enabled):
-    monkeypatch.setattr(callback_module, "PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(lightning_report, "PROGRESS_DELAY", 0.0)
     fit(
         tmp_path,
         ProsprPruningCallback(sparsity=0.5, verbose=False),
