@@ -82,30 +82,81 @@ from common.data import (  # re-exported for the tests
 )
 from common.render import (
     Catalog,
+    render_ablations,
     render_comparison,
+    render_effective,
     render_markdown,
     render_plot,
     render_study,
     render_timing,
+    render_verdict,
+    row_label,
 )
 from common.results import ResultStore
 from common.runner import run_tasks
 from common.training import Recipe, evaluate, train
 
 from lightning_prospr import MaskResult, PruningSettings, compute_masks, default_parameter_names
+from lightning_prospr.ablations import reinitialize, shuffle_within_layers
+from lightning_prospr.effective import effective_masks
 from lightning_prospr.masking import apply_masks, current_masks, effective_weight
 from lightning_prospr.models import VGG16BN, LeNet5, LeNet300100, ResNet20
 from lightning_prospr.selection import pruned_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "prospr", "prospr-fo", "prospr-iter")
+#: The scoring methods of the grid (``prospr-fo``: first order; ``prospr-iter``: in rounds).
+BASE_METHODS = (
+    "dense",
+    "random",
+    "magnitude",
+    "snip",
+    "grasp",
+    "synflow",
+    "prospr",
+    "prospr-fo",
+    "prospr-iter",
+)
 #: The ProsPr variants (they share the ``--prospr-*`` scoring settings).
 PROSPR_METHODS = ("prospr", "prospr-fo", "prospr-iter")
+#: Method modifiers: a layer-wise allocation (``+erk``, ``+uniform``, ``+balanced``), the guard
+#: (``+effective``: every kept weight on a path; the default is ``connected``) and a sanity check of
+#: the mask (``+shuffle``: the kept positions permuted within each layer; ``+reinit``: fresh weights).
+ALLOCATION_TAGS = ("erk", "uniform", "balanced")
+GUARD_TAGS = ("effective",)
+ABLATIONS = ("shuffle", "reinit")
+#: The methods of the grid, in table order (``--methods`` takes any ``base[+allocation][+ablation]``).
+METHODS = (
+    "dense",
+    "random",
+    "random+erk",
+    "magnitude",
+    "snip",
+    "snip+erk",
+    "grasp",
+    "synflow",
+    "prospr",
+    "prospr-fo",
+    "prospr-iter",
+    "prospr+erk",
+    "prospr-iter+erk",
+    "prospr+uniform",
+    "prospr-iter+uniform",
+    "prospr+shuffle",
+    "prospr-iter+shuffle",
+    "prospr+erk+shuffle",
+    "snip+shuffle",
+    "synflow+shuffle",
+    "prospr+reinit",
+)
 SPARSITIES = (0.9, 0.98, 0.99, 0.995, 0.998)
 MODELS = ("lenet300100", "lenet5", "resnet20", "vgg16bn")
 DATASET_OF = {"lenet300100": "mnist", "lenet5": "mnist", "resnet20": "cifar10", "vgg16bn": "cifar10"}
-GRIDS = {"mnist": ("lenet300100", "lenet5"), "cifar10": ("resnet20", "vgg16bn")}
+GRIDS = {
+    "mnist": ("lenet300100", "lenet5"),
+    "cifar10": ("resnet20", "vgg16bn"),
+    "cifar10-short": ("resnet20",),
+}
 MODEL_LABELS = {
     "lenet300100": "LeNet-300-100",
     "lenet5": "LeNet-5",
@@ -113,14 +164,72 @@ MODEL_LABELS = {
     "vgg16bn": "VGG-16-BN",
 }
 DATASET_LABELS = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
-CATALOG = Catalog(MODELS, METHODS, PROSPR_METHODS, MODEL_LABELS, DATASET_OF, DATASET_LABELS)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A grid method: the scoring method, the layer-wise allocation, and an optional ablation."""
+
+    base: str
+    allocation: str = "global"
+    ablation: str = "none"
+    guard: str = "connected"
+
+    @classmethod
+    def parse(cls, label: str) -> Variant:
+        """``"prospr-iter+erk+effective+shuffle"`` -> ``Variant("prospr-iter", "erk", "shuffle",
+        "effective")``."""
+        base, *tags = label.split("+")
+        allocation = [t for t in tags if t in ALLOCATION_TAGS]
+        guard = [t for t in tags if t in GUARD_TAGS]
+        ablation = [t for t in tags if t in ABLATIONS]
+        unknown = [t for t in tags if t not in ALLOCATION_TAGS + GUARD_TAGS + ABLATIONS]
+        if base not in BASE_METHODS or unknown or max(len(allocation), len(guard), len(ablation)) > 1:
+            raise ValueError(
+                f"unknown method {label!r}: write base[+allocation][+effective][+ablation], base one of "
+                f"{', '.join(BASE_METHODS)}, allocation one of {', '.join(ALLOCATION_TAGS)}, ablation one "
+                f"of {', '.join(ABLATIONS)}"
+            )
+        if base == "dense" and tags:
+            raise ValueError("`dense` takes no allocation, guard or ablation")
+        return cls(
+            base,
+            allocation[0] if allocation else "global",
+            ablation[0] if ablation else "none",
+            guard[0] if guard else "connected",
+        )
+
+    @property
+    def label(self) -> str:
+        defaults = ("global", "connected", "none")
+        tags = [t for t in (self.allocation, self.guard, self.ablation) if t not in defaults]
+        return "+".join([self.base, *tags])
+
+
+def _is_ours(label: str) -> bool:
+    variant = Variant.parse(label)
+    return variant.base in PROSPR_METHODS and variant.ablation == "none"
+
+
+def _is_ablation(label: str) -> bool:
+    return Variant.parse(label).ablation != "none"
+
+
+CATALOG = Catalog(
+    MODELS, METHODS, tuple(m for m in METHODS if _is_ours(m)), MODEL_LABELS, DATASET_OF, DATASET_LABELS,
+    ablations=tuple(m for m in METHODS if _is_ablation(m)),
+)  # fmt: skip
 
 #: Columns of ``results.csv``, in order.
 CSV_COLUMNS = (
-    "model",
     "dataset",
+    "model",
     "method",
+    "allocation",
+    "guard",
+    "ablation",
     "sparsity",
+    "effective_sparsity",
     "seed",
     "test_acc",
     "val_acc",
@@ -128,6 +237,7 @@ CSV_COLUMNS = (
     "score_seconds",
     "train_seconds",
     "layer_density",
+    "effective_density",
     "guard_changes",
     "actual_sparsity",
     "zeros_ok",
@@ -137,7 +247,9 @@ CSV_COLUMNS = (
     "torch",
 )
 #: Columns that identify a run (a row with the same values is not run again).
-KEY_COLUMNS = ("model", "dataset", "method", "sparsity", "seed", "recipe", "scoring")
+KEY_COLUMNS = (
+    "model", "dataset", "method", "allocation", "guard", "ablation", "sparsity", "seed", "recipe", "scoring",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +260,16 @@ KEY_COLUMNS = ("model", "dataset", "method", "sparsity", "seed", "recipe", "scor
 RECIPES = {
     "mnist": Recipe(epochs=2, lr=0.1, batch_size=128, momentum=0.9, weight_decay=0.0, schedule="onecycle"),
     "cifar10": Recipe(epochs=200, lr=0.1, batch_size=256, momentum=0.9, weight_decay=5e-4, schedule="step"),
+    # The paper's setting at a recipe a 2-core CPU runs in hours (docs/results.md): ResNet-20, 3 epochs.
+    "cifar10-short": Recipe(
+        epochs=3,
+        lr=0.1,
+        batch_size=128,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="onecycle",
+        precision="bf16",
+    ),
 }
 
 
@@ -177,6 +299,7 @@ class Scoring:
 
     def describe(self, method: str) -> str:
         """The settings that matter to ``method`` (part of a run's key in the CSV)."""
+        method = Variant.parse(method).base
         if method in PROSPR_METHODS:
             text = f"M={self.steps} lr={self.lr:g} {'reuse' if self.reuse else 'new'} b={self.batch_size}"
             text += f" avg={self.average}" if self.average > 1 else ""
@@ -200,6 +323,10 @@ class RunSpec:
     @property
     def dataset(self) -> str:
         return DATASET_OF[self.model]
+
+    @property
+    def variant(self) -> Variant:
+        return Variant.parse(self.method)
 
 
 def build_model(name: str, seed: int) -> nn.Module:
@@ -230,34 +357,41 @@ def scoring_batches(data: Data, count: int, batch_size: int, seed: int, device: 
 
 
 def settings_for(method: str, sparsity: float, seed: int, scoring: Scoring) -> PruningSettings:
-    """The engine's settings for one of this benchmark's methods."""
-    if method in PROSPR_METHODS:
+    """The engine's settings for one of this benchmark's methods (its ablation is applied after)."""
+    variant = Variant.parse(method)
+    base, shared = variant.base, {"allocation": variant.allocation, "guard": variant.guard}
+    if base in PROSPR_METHODS:
         return PruningSettings(
             sparsity,
             steps=scoring.steps,
             lr=scoring.lr,
-            mode="first_order" if method == "prospr-fo" else "full",
+            mode="first_order" if base == "prospr-fo" else "full",
             unrolls=scoring.average,
-            rounds=scoring.prospr_rounds if method == "prospr-iter" else None,
+            rounds=scoring.prospr_rounds if base == "prospr-iter" else None,
+            **shared,
         )
-    if method == "synflow":
-        return PruningSettings(sparsity, method="synflow", rounds=scoring.synflow_rounds)
-    return PruningSettings(sparsity, method=method, seed=seed if method == "random" else 0)
+    if base == "synflow":
+        return PruningSettings(sparsity, method="synflow", rounds=scoring.synflow_rounds, **shared)
+    return PruningSettings(sparsity, method=base, seed=seed if base == "random" else 0, **shared)
 
 
 def masks_for(
     model: nn.Module, spec: RunSpec, data: Data, scoring: Scoring, device: torch.device
 ) -> tuple[dict[str, Tensor], MaskResult]:
-    """`(masks, MaskResult)` of `spec.method` at `spec.sparsity`."""
+    """`(masks, MaskResult)` of `spec.method` at `spec.sparsity` (before any ablation)."""
     settings = settings_for(spec.method, spec.sparsity, spec.seed, scoring)
     count, repeat = 1, 1
-    if spec.method in PROSPR_METHODS:
+    if spec.variant.base in PROSPR_METHODS:
         count = (1 if scoring.reuse else scoring.steps + 1) * scoring.average
         repeat = scoring.steps + 1 if scoring.reuse else 1  # an unroll draws M + 1 batches in order
     batches = scoring_batches(data, count, scoring.batch_size, spec.seed, device)
     batches = [b for b in batches for _ in range(repeat)]
     result = compute_masks(model, loss_fn, batches, settings, example_input=batches[0][0])
     return result.masks, result
+
+
+#: Seeds of the ablations, offset from the run's seed so that they draw apart from its init.
+SHUFFLE_SEED, REINIT_SEED = 10_000, 20_000
 
 
 def check_zeros(
@@ -297,11 +431,12 @@ def run_one(
     evaluate_test: bool = True,
     max_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Prune (unless dense), train and evaluate one run; returns its CSV row."""
+    """Prune (unless dense), apply the ablation, train and evaluate one run; returns its CSV row."""
     model = build_model(spec.model, spec.seed).to(device)
+    variant = spec.variant
     guard: dict[str, Any] = {}
     score_seconds = 0.0
-    if spec.method == "dense":
+    if variant.base == "dense":
         names = default_parameter_names(model)
         named = dict(model.named_parameters())
         masks = {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}
@@ -310,21 +445,32 @@ def run_one(
         masks, result = masks_for(model, spec, data, scoring, device)
         score_seconds = time.perf_counter() - start
         guard = {"added": result.guard.added, "removed": result.guard.removed} if result.guard.changed else {}
+        if variant.ablation == "shuffle":
+            masks = shuffle_within_layers(masks, seed=SHUFFLE_SEED + spec.seed)
         apply_masks(model, masks)
+        if variant.ablation == "reinit":
+            reinitialize(model, list(masks), seed=REINIT_SEED + spec.seed)
+    probe = (data.train.x[:2].to(device), data.train.y[:2].to(device))
+    effective = effective_masks(model, masks, loss_fn, probe)
     start = time.perf_counter()
     final_loss = train(model, data, recipe, spec.seed, device, max_steps=max_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
-    if spec.method == "dense":
+    if variant.base == "dense":
         ok, actual, density = True, _dense_zeros(model, masks), {n: 1.0 for n in masks}
     else:
         ok, actual, density = check_zeros(model, masks, spec.sparsity)
+    effective_density = {n: round(float(m.float().mean()), 6) for n, m in effective.masks.items()}
     return {
-        "model": spec.model,
         "dataset": spec.dataset,
-        "method": spec.method,
+        "model": spec.model,
+        "method": variant.base,
+        "allocation": variant.allocation,
+        "guard": variant.guard,
+        "ablation": variant.ablation,
         "sparsity": f"{spec.sparsity:g}",
+        "effective_sparsity": f"{effective.sparsity:.6f}",
         "seed": spec.seed,
         "test_acc": f"{evaluate(model, data.test, device):.2f}" if evaluate_test else "",
         "val_acc": f"{evaluate(model, data.val, device):.2f}",
@@ -332,6 +478,7 @@ def run_one(
         "score_seconds": f"{score_seconds:.2f}",
         "train_seconds": f"{train_seconds:.2f}",
         "layer_density": json.dumps(density, separators=(",", ":")),
+        "effective_density": json.dumps(effective_density, separators=(",", ":")),
         "guard_changes": json.dumps(guard, separators=(",", ":")) if guard else "",
         "actual_sparsity": f"{actual:.6f}",
         "zeros_ok": str(ok),
@@ -371,7 +518,11 @@ def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) ->
         f"{header}\n\n{render_markdown(rows, CATALOG)}\n"
         f"Runs: {len(rows)}; runs whose pruned weights were not all exactly zero after training: "
         f"{len(zeros)}.\n\n"
-        f"#### ProsPr against the best baseline\n\n{render_comparison(rows, CATALOG)}\n"
+        f"#### The best ProsPr variant (chosen on validation) against the best baseline\n\n"
+        f"{render_verdict(rows, CATALOG)}\n"
+        f"#### Every ProsPr variant against the best baseline\n\n{render_comparison(rows, CATALOG)}\n"
+        f"#### Ablations: shuffled and re-initialized masks\n\n{render_ablations(rows, CATALOG)}\n"
+        f"#### Effective sparsity\n\n{render_effective(rows, CATALOG)}\n"
         f"#### Time per run\n\n{render_timing(rows, CATALOG)}"
     )
     (out_dir / "results.md").write_text(text, encoding="utf-8")
@@ -382,11 +533,24 @@ def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) ->
 # Command line.
 # --------------------------------------------------------------------------------------------------
 
-#: The validation study: ProsPr settings on LeNet-5, one seed, validation accuracy only.
-STUDY_LRS = (0.1, 0.01)
+#: The validation study (``--study``): ProsPr's settings, validation accuracy only. Every list can be
+#: narrowed on the command line (``--study-allocations``, ...); the study runs their product.
+STUDY_ALLOCATIONS = ("global", "erk", "uniform")
+STUDY_ROUNDS = (1, 100)
 STUDY_STEPS = (1, 3)
+STUDY_LRS = (0.1, 0.01)
+STUDY_BATCHES = ("new", "reuse")
+STUDY_AVERAGE = (1,)
+STUDY_GUARDS = ("connected",)
 STUDY_SPARSITIES = (0.98, 0.995)
-STUDY_ROUNDS = (10, 30, 100)
+
+
+def method_label(text: str) -> str:
+    """``--methods`` values: any ``base[+allocation][+ablation]`` (argparse type)."""
+    try:
+        return Variant.parse(text).label
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -396,7 +560,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grid", choices=sorted(GRIDS), default="mnist", help="preset: models and recipe")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="default: the grid's models")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=method_label,
+        help=f"base[+erk|+uniform][+shuffle|+reinit], base one of {' '.join(BASE_METHODS)}; default: "
+        + " ".join(METHODS),
+    )
     parser.add_argument(
         "--sparsities", nargs="+", type=float, help=f"default: {' '.join(f'{s:g}' for s in SPARSITIES)}"
     )
@@ -405,6 +575,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="peak/initial learning rate (mnist 0.1, cifar10 0.1)")
     parser.add_argument("--batch-size", type=int, help="training batch (mnist 128, cifar10 256)")
     parser.add_argument("--weight-decay", type=float, help="(mnist 0, cifar10 5e-4)")
+    parser.add_argument(
+        "--precision",
+        choices=("32", "bf16"),
+        help="training precision (bf16: CPU/CUDA autocast); default: the grid's",
+    )
     parser.add_argument("--score-batch-size", type=int, default=128, help="images per scoring batch")
     parser.add_argument("--prospr-steps", type=int, default=3, help="ProsPr inner steps M")
     parser.add_argument("--prospr-lr", type=float, default=0.1, help="ProsPr inner SGD learning rate")
@@ -436,14 +611,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--study",
         action="store_true",
-        help="validation study of ProsPr's settings (lr x steps x new/reuse) on LeNet-5 at 98 and "
-        "99.5 %% sparsity, seed 0 (or --models/--sparsities/--seeds), validation accuracy only",
+        help="validation study of ProsPr's settings: the product of the --study-* lists, on LeNet-5 at 98 "
+        "and 99.5 %% sparsity, seed 0 (or --models/--sparsities/--seeds), validation accuracy only; "
+        "writes study.csv and study.md",
+    )
+    parser.add_argument(
+        "--study-allocations",
+        nargs="+",
+        choices=("global", *ALLOCATION_TAGS),
+        default=list(STUDY_ALLOCATIONS),
     )
     parser.add_argument(
         "--study-rounds",
-        action="store_true",
-        help="validation study of iterative ProsPr's rounds (" + ", ".join(map(str, STUDY_ROUNDS)) + ") at "
-        "the --prospr-* setting, same models, sparsities and seeds as --study; writes study_rounds.*",
+        nargs="+",
+        type=int,
+        default=list(STUDY_ROUNDS),
+        help="1: one shot; more: prospr-iter",
+    )
+    parser.add_argument("--study-steps", nargs="+", type=int, default=list(STUDY_STEPS))
+    parser.add_argument("--study-lrs", nargs="+", type=float, default=list(STUDY_LRS))
+    parser.add_argument("--study-batches", nargs="+", choices=("new", "reuse"), default=list(STUDY_BATCHES))
+    parser.add_argument(
+        "--study-average", nargs="+", type=int, default=list(STUDY_AVERAGE), help="unrolls averaged"
+    )
+    parser.add_argument(
+        "--study-guards", nargs="+", choices=("connected", *GUARD_TAGS), default=list(STUDY_GUARDS)
     )
     parser.add_argument("--render", action="store_true", help="only re-render results.md and the plot")
     parser.add_argument(
@@ -463,7 +655,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_steps = args.max_steps or 20
         args.limit = args.limit or 2000
         args.synflow_rounds = min(args.synflow_rounds, 5)
-    if args.study or args.study_rounds:
+    if args.study:
         args.models = args.models or ["lenet5"]
         args.sparsities = args.sparsities or list(STUDY_SPARSITIES)
         args.seeds = args.seeds or [0]
@@ -481,18 +673,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     args.threads = args.threads or max(1, min(2, os.cpu_count() or 1) // args.jobs)
-    args.out_dir = args.out_dir or ROOT / "benchmarks" / "results" / args.dataset
+    args.out_dir = args.out_dir or ROOT / "benchmarks" / "results" / args.grid
     return args
 
 
 def make_recipe(args: argparse.Namespace) -> Recipe:
     """The dataset's recipe with the command-line overrides."""
-    recipe = RECIPES[args.dataset]
+    recipe = RECIPES[args.grid]
     overrides = {
         "epochs": args.epochs,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "weight_decay": args.weight_decay,
+        "precision": args.precision,
     }
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -515,10 +708,11 @@ def environment(device: torch.device) -> str:
 def _progress(done: int, total: int, row: dict[str, Any], started: float) -> str:
     elapsed = time.perf_counter() - started
     return (
-        f"[{done}/{total} {elapsed / 60:.1f} min] {row['model']} {row['method']} s={row['sparsity']} "
+        f"[{done}/{total} {elapsed / 60:.1f} min] {row['model']} {row_label(row)} s={row['sparsity']} "
         f"seed={row['seed']} {row['scoring']}: test {row['test_acc'] or '-'} val {row['val_acc']} "
         f"loss {row['final_train_loss']} "
-        f"score {row['score_seconds']} s train {row['train_seconds']} s zeros_ok={row['zeros_ok']}"
+        f"eff {row['effective_sparsity']} score {row['score_seconds']} s train {row['train_seconds']} s "
+        f"zeros_ok={row['zeros_ok']}"
     )
 
 
@@ -566,10 +760,14 @@ def work(worker: Worker, task: Task) -> dict[str, Any]:
 def task_key(task: Task, recipe: Recipe) -> tuple[str, ...]:
     """The `KEY_COLUMNS` values the task's CSV row will have."""
     spec, scoring, _ = task
+    variant = spec.variant
     return (
         spec.model,
         spec.dataset,
-        spec.method,
+        variant.base,
+        variant.allocation,
+        variant.guard,
+        variant.ablation,
         f"{spec.sparsity:g}",
         str(spec.seed),
         recipe.describe(),
@@ -603,28 +801,29 @@ def execute(args: argparse.Namespace, tasks: Sequence[Task], recipe: Recipe, pat
 
 
 def study_tasks(args: argparse.Namespace, base: Scoring) -> list[Task]:
-    """ProsPr with lr x steps x new/reuse batches, validation accuracy only (``--study``); or, with
-    ``--study-rounds``, iterative ProsPr at the given ProsPr setting with each of :data:`STUDY_ROUNDS`."""
-    if args.study_rounds:
-        return [
-            (RunSpec(model, "prospr-iter", s, seed), replace(base, prospr_rounds=rounds), False)
-            for seed in args.seeds
-            for model in args.models
-            for s in args.sparsities
-            for rounds in STUDY_ROUNDS
-        ]
+    """ProsPr at every combination of the ``--study-*`` lists, validation accuracy only: one-shot
+    (``prospr``) for 1 round, ``prospr-iter`` with ``prospr_rounds`` otherwise."""
     settings = [
-        replace(base, lr=lr, steps=steps, reuse=reuse)
-        for lr in STUDY_LRS
-        for steps in STUDY_STEPS
-        for reuse in (False, True)
+        (
+            Variant("prospr-iter" if rounds > 1 else "prospr", allocation, guard=guard).label,
+            replace(
+                base, lr=lr, steps=steps, reuse=batches == "reuse", average=average, prospr_rounds=rounds
+            ),
+        )
+        for guard in args.study_guards
+        for allocation in args.study_allocations
+        for rounds in args.study_rounds
+        for steps in args.study_steps
+        for lr in args.study_lrs
+        for batches in args.study_batches
+        for average in args.study_average
     ]
     return [
-        (RunSpec(model, "prospr", s, seed), scoring, False)
+        (RunSpec(model, method, s, seed), scoring, False)
         for seed in args.seeds
         for model in args.models
         for s in args.sparsities
-        for scoring in settings
+        for method, scoring in settings
     ]
 
 
@@ -647,16 +846,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     print(f"{command}\n{environment(device)}\nrecipe: {recipe.describe()}", flush=True)
-    if args.study or args.study_rounds:
-        stem = "study_rounds" if args.study_rounds else "study"
-        path = args.out_dir / f"{stem}.csv"
+    if args.study:
+        path = args.out_dir / "study.csv"
         if not args.render:
             execute(args, study_tasks(args, scoring), recipe, path)
         rows = [
             r for r in store(path).rows() if r["recipe"] == recipe.describe() and r["model"] in args.models
         ]
         text = render_study(rows, CATALOG, args.models, args.seeds, recipe.describe())
-        (args.out_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+        (args.out_dir / "study.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
     csv_path = args.out_dir / "results.csv"
@@ -668,12 +866,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in store(csv_path).rows()
         if r["recipe"] == recipe.describe()
         and r["model"] in args.models
-        and r["method"] in args.methods
+        and row_label(r) in args.methods
         and (r["method"] == "dense" or float(r["sparsity"]) in args.sparsities)
         and r["scoring"] == scoring.describe(r["method"])
     ]
     settings = sorted(
-        {(r["method"], r["scoring"]) for r in rows if r["scoring"]}, key=lambda t: METHODS.index(t[0])
+        {(r["method"], r["scoring"]) for r in rows if r["scoring"]}, key=lambda t: BASE_METHODS.index(t[0])
     )
     header = (
         f"Command: `{command}`\n\nEnvironment: {environment(device)}\n\nRecipe: {recipe.describe()}; "

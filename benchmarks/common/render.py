@@ -13,11 +13,15 @@ from common.data import VAL_SIZE
 
 __all__ = [
     "Catalog",
+    "render_ablations",
     "render_comparison",
+    "render_effective",
     "render_markdown",
     "render_plot",
     "render_study",
     "render_timing",
+    "render_verdict",
+    "row_label",
     "summarize",
 ]
 
@@ -33,6 +37,8 @@ class Catalog:
         model_labels: display names of the models.
         dataset_of: the data set of each model.
         dataset_labels: display names of the data sets.
+        ablations: sanity checks of another method's mask (``prospr+shuffle``): neither ours nor a
+            baseline, compared with the method they ablate.
     """
 
     models: tuple[str, ...]
@@ -41,6 +47,15 @@ class Catalog:
     model_labels: Mapping[str, str] = field(default_factory=dict)
     dataset_of: Mapping[str, str] = field(default_factory=dict)
     dataset_labels: Mapping[str, str] = field(default_factory=dict)
+    ablations: tuple[str, ...] = ()
+
+
+def row_label(row: Mapping[str, str]) -> str:
+    """The method of a row as the tables name it: ``method[+allocation][+guard][+ablation]``, the
+    defaults (global, connected, none) left out, e.g. ``prospr+erk`` (rows without those columns, from
+    before them, are their ``method``)."""
+    tags = [row.get("allocation") or "global", row.get("guard") or "connected", row.get("ablation") or "none"]
+    return "+".join([row["method"], *(t for t in tags if t not in ("global", "connected", "none"))])
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -50,11 +65,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(
     rows: Iterable[dict[str, str]], metric: str = "test_acc"
 ) -> dict[tuple[str, str, float], list[float]]:
-    """``{(model, method, sparsity): [metric of each seed]}``, skipping empty values."""
+    """``{(model, method label, sparsity): [metric of each seed]}``, skipping empty values."""
     out: dict[tuple[str, str, float], list[float]] = defaultdict(list)
     for row in rows:
         if row.get(metric, "") != "":
-            out[(row["model"], row["method"], float(row["sparsity"]))].append(float(row[metric]))
+            out[(row["model"], row_label(row), float(row["sparsity"]))].append(float(row[metric]))
     return out
 
 
@@ -115,7 +130,7 @@ def render_timing(rows: Sequence[dict[str, str]], catalog: Catalog) -> str:
     """Mean scoring and training seconds per model and method (over sparsities and seeds)."""
     groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for row in rows:
-        groups[(row["model"], row["method"])].append(
+        groups[(row["model"], row_label(row))].append(
             (float(row["score_seconds"]), float(row["train_seconds"]))
         )
     lines = ["| model | method | runs | scoring s (mean) | training s (mean) |", "|---|---|---:|---:|---:|"]
@@ -135,67 +150,98 @@ def render_plot(
     path: Path,
     catalog: Catalog,
     metric: str = "test_acc",
-    zoom: float | None = 10.0,
+    floor: float | None = 50.0,
 ) -> None:
-    """Accuracy against density (log axis, sparsity growing to the right), one column per model.
+    """Accuracy against density (log axis, sparsity growing to the right), one column per model:
+    the top row against the nominal density $1 - s$, the bottom row against the effective density
+    (the kept weights on an input-to-output path, mean over seeds; rows with an
+    ``effective_sparsity`` column only).
 
     Each method is a line through the mean over seeds with ± std error bars; the dense accuracy is a
-    dashed line in a grey band of ± one std. With ``zoom``, a second row repeats the panels with the
-    accuracy axis limited to the ``zoom`` points below the dense mean (collapsed runs sit near 10 %
-    and would otherwise flatten the differences that matter).
+    dashed line in a grey band of ± one std. Ablations are left out (they have their own table).
+    With ``floor``, the accuracy axis starts there (collapsed runs sit near 10 % and would flatten
+    the differences that matter); points below it are drawn on the axis as open markers.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if row_label(r) not in catalog.ablations]
     stats = summarize(rows, metric)
+    effective = summarize([r for r in rows if r.get("effective_sparsity")], "effective_sparsity")
     models = _ordered({k[0] for k in stats}, catalog.models)
-    ncols, nrows = max(1, len(models)), 2 if zoom else 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.6 * nrows), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    ncols, nrows = max(1, len(models)), 2 if effective else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.8 * nrows), squeeze=False)
+    colors = plt.get_cmap("tab20")
     for col, model in enumerate(models):
         cells = {k[1:]: v for k, v in stats.items() if k[0] == model}
-        sparsities = sorted({s for (m, s) in cells if m != "dense"})
-        densities = [1.0 - s for s in sparsities]
         dense = cells.get(("dense", 0.0))
+        methods = _ordered({m for (m, _) in cells if m != "dense"}, catalog.methods)
         for row in range(nrows):
             ax = axes[row][col]
             if dense:
                 mean, std = _mean_std(dense)
                 ax.axhspan(mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
                 ax.axhline(mean, color="0.3", lw=1.0, ls="--", label=f"dense {mean:.2f} ± {std:.2f}")
-            for method in _ordered({m for (m, _) in cells if m != "dense"}, catalog.methods):
-                points = [
-                    (1.0 - s, *_mean_std(cells[(method, s)])) for s in sparsities if (method, s) in cells
-                ]
-                xs, ys, es = zip(*points, strict=True) if points else ((), (), ())
-                bold = method.startswith("prospr")
-                color = colors(catalog.methods.index(method) if method in catalog.methods else 9)
+            xs_all: list[float] = []
+            for method in methods:
+                points = []
+                for (m, s), values in sorted(cells.items()):
+                    if m != method:
+                        continue
+                    x = 1.0 - s
+                    if row == 1:
+                        eff = effective.get((model, method, s))
+                        if not eff:
+                            continue
+                        x = max(1e-6, 1.0 - statistics.fmean(eff))
+                    points.append((x, *_mean_std(values)))
+                if not points:
+                    continue
+                xs, ys, es = zip(*points, strict=True)
+                xs_all += xs
+                ours = method in catalog.ours
+                color = colors(catalog.methods.index(method) % 20 if method in catalog.methods else 19)
+                shown = [max(y, floor) if floor is not None else y for y in ys]
                 ax.errorbar(
-                    xs, ys, yerr=es, marker="o", ms=5 if bold else 4, lw=2.0 if bold else 1.2,
-                    capsize=3, label=method, color=color,
+                    xs, shown, yerr=es, marker="o", ms=5 if ours else 4, lw=2.0 if ours else 1.1,
+                    ls="-" if ours else "--", capsize=3, label=method, color=color,
                 )  # fmt: skip
-            if densities:  # sparsity grows to the right: the density axis runs from high to low
-                ax.set_xlim(max(densities) * 1.4, min(densities) / 1.4)
+                low = [(x, floor) for x, y in zip(xs, ys, strict=True) if floor is not None and y < floor]
+                if low:
+                    ax.scatter(
+                        *zip(*low, strict=True),
+                        marker="v",
+                        s=36,
+                        facecolors="white",
+                        edgecolors=color,
+                        zorder=3,
+                    )
+            if xs_all:  # sparsity grows to the right: the density axis runs from high to low
+                ax.set_xlim(max(xs_all) * 1.4, min(xs_all) / 1.4)
             ax.set_xscale("log")
-            if densities:
-                ax.set_xticks(densities)
-                ax.set_xticklabels([f"{100 * d:g}" for d in densities])
-            ax.minorticks_off()
-            ax.set_xlabel("density 1 - sparsity (%), log scale")
+            if row == 0 and xs_all:
+                ticks = sorted(set(xs_all))
+                ax.set_xticks(ticks)
+                ax.set_xticklabels([f"{100 * d:g}" for d in ticks])
+                ax.minorticks_off()
+            what = "nominal density 1 - s" if row == 0 else "effective density (kept weights on a path)"
+            ax.set_xlabel(f"{what} (%), log scale")
+            if row == 1:
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:g}"))
+            if floor is not None:
+                top = _mean_std(dense)[0] if dense else 100.0
+                ax.set_ylim(floor - 1.0, top + 2.0)
             label = "test accuracy (%)" if metric == "test_acc" else "validation accuracy (%)"
             dataset = catalog.dataset_labels.get(catalog.dataset_of.get(model, ""), "")
-            title = f"{catalog.model_labels.get(model, model)} on {dataset}"
-            if row == 1 and zoom:
-                top = _mean_std(dense)[0] if dense else max(statistics.fmean(v) for v in cells.values())
-                ax.set_ylim(top - zoom, top + 1.0)
-                title += f" (zoom: top {zoom:g} points)"
-            else:
-                ax.legend(fontsize=8, loc="lower left")
             ax.set_ylabel(label)
-            ax.set_title(title)
+            ax.set_title(
+                f"{catalog.model_labels.get(model, model)} on {dataset}" + (" (effective)" if row else "")
+            )
             ax.grid(True, alpha=0.3)
+            if row == 0:
+                ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -214,7 +260,7 @@ def render_comparison(
     by_seed: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
     for row in rows:
         if row.get(metric, "") != "":
-            by_seed[(row["model"], row["method"], float(row["sparsity"]))][row["seed"]] = float(row[metric])
+            by_seed[(row["model"], row_label(row), float(row["sparsity"]))][row["seed"]] = float(row[metric])
     lines = [
         "| model | sparsity | method | mean | best baseline | difference | per seed |",
         "|---|---:|---|---:|---|---:|---|",
@@ -226,7 +272,11 @@ def render_comparison(
             baselines = {
                 m: statistics.fmean(v)
                 for (mm, m, ss), v in stats.items()
-                if mm == model and ss == s and m not in catalog.ours and m != "dense"
+                if mm == model
+                and ss == s
+                and m not in catalog.ours
+                and m not in catalog.ablations
+                and m != "dense"
             }
             if not baselines:
                 continue
@@ -263,7 +313,8 @@ def render_study(
     """Validation accuracy per ProsPr setting (rows) and sparsity (columns), plus the mean."""
     table: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        table[row["scoring"]][float(row["sparsity"])].append(float(row["val_acc"]))
+        setting = f"{row_label(row)} {row['scoring']}"
+        table[setting][float(row["sparsity"])].append(float(row["val_acc"]))
     sparsities = sorted({float(r["sparsity"]) for r in rows})
     lines = [
         f"ProsPr settings: validation accuracy (%) on the {VAL_SIZE} held-out training images (never "
@@ -299,3 +350,122 @@ def _cheaper(setting: str) -> tuple[int, int, int, float]:
     rounds = int(fields.get("rounds", 1))
     lr = float(fields.get("lr", 0.1))
     return int("reuse" in setting.split()), -steps, -rounds, -abs(math.log10(lr) + 1.0)
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def render_verdict(rows: Sequence[dict[str, str]], catalog: Catalog, from_sparsity: float = 0.98) -> str:
+    """Per cell at ``from_sparsity`` and above: the ProsPr variant with the best mean *validation*
+    accuracy, its test accuracy, against the baseline with the best mean *test* accuracy (a bar the
+    baseline sets with the test set itself, so a match is not luck of the choice).
+
+    A cell is won when the chosen variant's mean test accuracy is at least the best baseline's
+    (rounded to 0.01). The last column says whether the two are within one standard deviation of
+    each other (the larger of the two), where more seeds would be needed to separate them.
+    """
+    test, val = summarize(rows), summarize(rows, "val_acc")
+    lines = [
+        "| model | sparsity | ProsPr variant (by val) | test | best baseline (by test) | test | difference "
+        "| within 1 std |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
+    wins = total = 0
+    for model in _ordered({k[0] for k in test}, catalog.models):
+        for s in sorted({k[2] for k in test if k[0] == model and k[2] >= from_sparsity}):
+            ours = {
+                m: statistics.fmean(v)
+                for (mm, m, ss), v in val.items()
+                if mm == model and ss == s and m in catalog.ours
+            }
+            baselines = {
+                m: statistics.fmean(v)
+                for (mm, m, ss), v in test.items()
+                if mm == model
+                and ss == s
+                and m not in catalog.ours
+                and m not in catalog.ablations
+                and m != "dense"
+            }
+            if not ours or not baselines:
+                continue
+            pick = max(ours, key=lambda m: ours[m])
+            rival = max(baselines, key=lambda m: baselines[m])
+            a, b = test[(model, pick, s)], test[(model, rival, s)]
+            difference = statistics.fmean(a) - statistics.fmean(b)
+            won = round(difference, 2) >= 0
+            wins += won
+            total += 1
+            close = abs(difference) <= max(_mean_std(a)[1], _mean_std(b)[1])
+            shown = f"**{difference:+.2f}**" if won else f"{difference:+.2f}"
+            name = catalog.model_labels.get(model, model)
+            lines.append(
+                f"| {name} | {100 * s:g} % | {pick} | {_cell(a)} | {rival} | {_cell(b)} | {shown} | "
+                f"{'yes' if close else 'no'} |"
+            )
+    summary = (
+        f"The ProsPr variant chosen on validation matches or beats the best baseline in {wins} of {total} "
+        f"cells at sparsity >= {100 * from_sparsity:g} % (bold); mean ± std over seeds."
+    )
+    return summary + "\n\n" + "\n".join(lines) + "\n"
+
+
+def render_ablations(rows: Sequence[dict[str, str]], catalog: Catalog) -> str:
+    """Each ablation (``x+shuffle``, ``x+reinit``) against the method it ablates, per cell: the mean
+    test accuracies and the difference, seed by seed (Frankle et al.: a method whose within-layer
+    choice matters loses accuracy when shuffled)."""
+    test = summarize(rows)
+    by_seed: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row.get("test_acc", "") != "":
+            by_seed[(row["model"], row_label(row), float(row["sparsity"]))][row["seed"]] = float(
+                row["test_acc"]
+            )
+    lines = [
+        "| model | sparsity | ablation | test | original | test | difference | per seed |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
+    for model in _ordered({k[0] for k in test}, catalog.models):
+        for ablation in _ordered(
+            {k[1] for k in test if k[0] == model and k[1] in catalog.ablations}, catalog.methods
+        ):
+            original = "+".join(t for t in ablation.split("+") if t not in ("shuffle", "reinit"))
+            for s in sorted({k[2] for k in test if k[0] == model and k[1] == ablation}):
+                a, b = test.get((model, ablation, s)), test.get((model, original, s))
+                if not a or not b:
+                    continue
+                mine, theirs = by_seed[(model, ablation, s)], by_seed[(model, original, s)]
+                seeds = sorted(set(mine) & set(theirs), key=int)
+                lines.append(
+                    f"| {catalog.model_labels.get(model, model)} | {100 * s:g} % | {ablation} | {_cell(a)} | "
+                    f"{original} | {_cell(b)} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | "
+                    + ", ".join(f"{mine[k] - theirs[k]:+.2f}" for k in seeds)
+                    + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def render_effective(rows: Sequence[dict[str, str]], catalog: Catalog) -> str:
+    """Mean effective sparsity (%) per method and nominal sparsity, one table per model."""
+    stats = summarize([r for r in rows if r.get("effective_sparsity")], "effective_sparsity")
+    lines: list[str] = []
+    for model in _ordered({k[0] for k in stats}, catalog.models):
+        cells = {k[1:]: v for k, v in stats.items() if k[0] == model and k[1] != "dense"}
+        sparsities = sorted({s for (_, s) in cells})
+        lines += [
+            f"{catalog.model_labels.get(model, model)}: mean effective sparsity (%) over seeds.",
+            "",
+            "| method | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " |",
+            "|---|" + "---:|" * len(sparsities),
+        ]
+        for method in _ordered({m for (m, _) in cells}, catalog.methods):
+            values = [cells.get((method, s)) for s in sparsities]
+            lines.append(
+                f"| {method} | "
+                + " | ".join(f"{100 * statistics.fmean(v):.2f}" if v else "-" for v in values)
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)

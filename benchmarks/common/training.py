@@ -20,7 +20,8 @@ class Recipe:
     ``schedule="onecycle"``: :class:`~torch.optim.lr_scheduler.OneCycleLR` (peak ``lr``, linear
     warm-up over ``warmup`` of the steps from ``lr / 25``, linear decay, momentum fixed), stepped
     every batch. ``schedule="step"``: ``lr`` times 0.1 at each fraction in ``milestones`` of the
-    epochs, stepped every epoch.
+    epochs, stepped every epoch. ``precision="bf16"``: the forward pass and loss under bfloat16
+    autocast (weights, gradients and optimizer in float32); evaluation is always float32.
     """
 
     epochs: int
@@ -31,6 +32,7 @@ class Recipe:
     schedule: str = "onecycle"
     warmup: float = 0.25
     milestones: tuple[float, ...] = (0.5, 0.75)
+    precision: str = "32"
 
     def describe(self) -> str:
         """A short string that identifies the recipe (part of a run's key in the CSV)."""
@@ -41,7 +43,7 @@ class Recipe:
         )
         return (
             f"sgd lr={self.lr:g} m={self.momentum:g} wd={self.weight_decay:g} b={self.batch_size} "
-            f"e={self.epochs} {sched}"
+            f"e={self.epochs} {sched}" + (f" {self.precision}" if self.precision != "32" else "")
         )
 
 
@@ -108,7 +110,8 @@ def train(
                 x = augment_batch(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+                loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             if recipe.schedule == "onecycle":
