@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from shared import run_ddp_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -104,15 +101,7 @@ def test_ddp_ranks_agree_and_use_their_own_batches(tmp_path):
 def test_ddp_subprocess_launcher_ranks_agree(tmp_path):
     """strategy="ddp" starts rank 1 as a new process running the same script (here: a script, as
     under pytest the launcher would re-run pytest itself)."""
-    script = Path(__file__).with_name("ddp_launch.py")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], check=True, timeout=300, env=env, cwd=tmp_path
-    )
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    rank0, rank1 = run_ddp_script("ddp_launch.py", tmp_path)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
     # The same masks as the spawn launcher's reference: rank r scores batches r, r + 2, ...

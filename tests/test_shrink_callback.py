@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from shared import quiet_trainer
+from shared import quiet_trainer, run_ddp_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -149,19 +149,7 @@ def test_a_failed_shrink_leaves_the_module_as_it_was():
 def test_ddp_ranks_shrink_alike_and_train_in_sync(tmp_path: Path):
     """Each rank scores its own batches; the summed scores give one set of channels, every rank
     removes them, and the re-made DDP wrapper keeps the (different-batch) gradients in sync."""
-    import os
-    import subprocess
-    import sys
-
-    script = Path(__file__).with_name("ddp_shrink_launch.py")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
-    }
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], check=True, timeout=300, env=env, cwd=tmp_path
-    )
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    rank0, rank1 = run_ddp_script("ddp_shrink_launch.py", tmp_path)
     assert {k: v.shape for k, v in rank0.items()} == {k: v.shape for k, v in rank1.items()}
     assert rank0["a.weight"].shape[0] + rank0["stem.weight"].shape[0] == 24
     torch.manual_seed(0)
