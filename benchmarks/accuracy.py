@@ -215,10 +215,17 @@ def _is_ablation(label: str) -> bool:
     return Variant.parse(label).ablation != "none"
 
 
-CATALOG = Catalog(
-    MODELS, METHODS, tuple(m for m in METHODS if _is_ours(m)), MODEL_LABELS, DATASET_OF, DATASET_LABELS,
-    ablations=tuple(m for m in METHODS if _is_ablation(m)),
-)  # fmt: skip
+def catalog(labels: Sequence[str] = ()) -> Catalog:
+    """The tables' catalogue: the default methods in their order, then any other `labels` (methods
+    of the rows or the command line) in theirs; ours and the ablations by what each label is."""
+    methods = tuple(dict.fromkeys([*METHODS, *labels]))
+    return Catalog(
+        MODELS, methods, tuple(m for m in methods if _is_ours(m)), MODEL_LABELS, DATASET_OF,
+        DATASET_LABELS, ablations=tuple(m for m in methods if _is_ablation(m)),
+    )  # fmt: skip
+
+
+CATALOG = catalog()
 
 #: Columns of ``results.csv``, in order.
 CSV_COLUMNS = (
@@ -514,19 +521,20 @@ def grid(
 def write_outputs(out_dir: Path, rows: Sequence[dict[str, str]], header: str) -> None:
     """`results.md` and `accuracy_vs_sparsity.png` in `out_dir` from `rows`."""
     zeros = [r for r in rows if r["zeros_ok"] != "True"]
+    methods = catalog([row_label(r) for r in rows])
     text = (
-        f"{header}\n\n{render_markdown(rows, CATALOG)}\n"
+        f"{header}\n\n{render_markdown(rows, methods)}\n"
         f"Runs: {len(rows)}; runs whose pruned weights were not all exactly zero after training: "
         f"{len(zeros)}.\n\n"
         f"#### The best ProsPr variant (chosen on validation) against the best baseline\n\n"
-        f"{render_verdict(rows, CATALOG)}\n"
-        f"#### Every ProsPr variant against the best baseline\n\n{render_comparison(rows, CATALOG)}\n"
-        f"#### Ablations: shuffled and re-initialized masks\n\n{render_ablations(rows, CATALOG)}\n"
-        f"#### Effective sparsity\n\n{render_effective(rows, CATALOG)}\n"
-        f"#### Time per run\n\n{render_timing(rows, CATALOG)}"
+        f"{render_verdict(rows, methods)}\n"
+        f"#### Every ProsPr variant against the best baseline\n\n{render_comparison(rows, methods)}\n"
+        f"#### Ablations: shuffled and re-initialized masks\n\n{render_ablations(rows, methods)}\n"
+        f"#### Effective sparsity\n\n{render_effective(rows, methods)}\n"
+        f"#### Time per run\n\n{render_timing(rows, methods)}"
     )
     (out_dir / "results.md").write_text(text, encoding="utf-8")
-    render_plot(rows, out_dir / "accuracy_vs_sparsity.png", CATALOG)
+    render_plot(rows, out_dir / "accuracy_vs_sparsity.png", methods)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -853,7 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [
             r for r in store(path).rows() if r["recipe"] == recipe.describe() and r["model"] in args.models
         ]
-        text = render_study(rows, CATALOG, args.models, args.seeds, recipe.describe())
+        text = render_study(
+            rows, catalog([row_label(r) for r in rows]), args.models, args.seeds, recipe.describe()
+        )
         (args.out_dir / "study.md").write_text(text, encoding="utf-8")
         print(text)
         return 0
@@ -879,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if rows:
         write_outputs(args.out_dir, rows, header)
-        print(render_markdown(rows, CATALOG))
+        print(render_markdown(rows, catalog([row_label(r) for r in rows])))
     print(f"wrote {csv_path}, {args.out_dir / 'results.md'}, {args.out_dir / 'accuracy_vs_sparsity.png'}")
     return 0
 

@@ -285,10 +285,6 @@ def test_verdict_chooses_our_variant_on_validation_and_the_baseline_on_test() ->
     [
         ("mnist", "results.md"),
         ("mnist", "study.md"),
-        ("mnist", "study_rounds.md"),
-        ("mnist_average", "results.md"),
-        ("mnist_batch512", "results.md"),
-        ("mnist_prospr_paper_defaults", "results.md"),
     ],
 )
 def test_committed_results_re_render_identically(folder: str, table: str, tmp_path: Path, capsys) -> None:
