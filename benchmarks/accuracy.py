@@ -119,10 +119,10 @@ BASE_METHODS = (
 )
 #: The ProsPr variants (they share the ``--prospr-*`` scoring settings).
 PROSPR_METHODS = ("prospr", "prospr-fo", "prospr-iter")
-#: Method modifiers: a layer-wise allocation (``+erk``, ``+uniform``, ``+balanced``), the guard
+#: Method modifiers: a layer-wise allocation (``+erk``, ``+uniform``), the guard
 #: (``+effective``: every kept weight on a path; the default is ``connected``) and a sanity check of
 #: the mask (``+shuffle``: the kept positions permuted within each layer; ``+reinit``: fresh weights).
-ALLOCATION_TAGS = ("erk", "uniform", "balanced")
+ALLOCATION_TAGS = ("erk", "uniform")
 GUARD_TAGS = ("effective",)
 ABLATIONS = ("shuffle", "reinit")
 #: The methods of the grid, in table order (``--methods`` takes any ``base[+allocation][+ablation]``).

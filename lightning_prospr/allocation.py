@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 __all__ = ["ALLOCATIONS", "erk_densities", "layer_budgets"]
 
 #: The layer-wise allocations (see the module docstring).
-ALLOCATIONS = ("global", "uniform", "erk", "balanced")
+ALLOCATIONS = ("global", "uniform", "erk")
 
 
 def _erk_factor(shape: Sequence[int]) -> float:
@@ -40,11 +40,8 @@ def _erk_factor(shape: Sequence[int]) -> float:
 
 
 def _rule(allocation: str, shape: Sequence[int], units: int) -> float:
-    """A layer's density before scaling: ERK's factor, 1 (uniform), or 1 / units (balanced: the same
-    count in every layer)."""
-    if allocation == "erk":
-        return _erk_factor(shape)
-    return 1.0 / units if allocation == "balanced" else 1.0
+    """A layer's density before scaling: ERK's factor, or 1 (uniform)."""
+    return _erk_factor(shape) if allocation == "erk" else 1.0
 
 
 def _shares(
@@ -121,7 +118,7 @@ def layer_budgets(
         {'fc1': 4704, 'fc2': 600, 'fc3': 20}
     """
     if allocation not in ALLOCATIONS[1:]:
-        raise ValueError(f"`allocation` must be 'uniform', 'erk' or 'balanced' here, got {allocation!r}.")
+        raise ValueError(f"`allocation` must be 'uniform' or 'erk' here, got {allocation!r}.")
     units = dict(units) if units is not None else {n: math.prod(s) for n, s in shapes.items()}
     capacity = dict(capacity) if capacity is not None else dict(units)
     if not 0 <= kept <= sum(capacity.values()):
