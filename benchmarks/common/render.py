@@ -248,6 +248,21 @@ def render_plot(
     plt.close(fig)
 
 
+def _baseline_means(
+    stats: Mapping[tuple[str, str, float], Sequence[float]], catalog: Catalog, model: str, sparsity: float
+) -> dict[str, float]:
+    """Mean of each baseline of one cell: not ours, not an ablation, not dense."""
+    return {
+        m: statistics.fmean(v)
+        for (mm, m, ss), v in stats.items()
+        if mm == model
+        and ss == sparsity
+        and m not in catalog.ours
+        and m not in catalog.ablations
+        and m != "dense"
+    }
+
+
 def render_comparison(
     rows: Sequence[dict[str, str]], catalog: Catalog, metric: str = "test_acc", from_sparsity: float = 0.98
 ) -> str:
@@ -269,15 +284,7 @@ def render_comparison(
     for model in _ordered({k[0] for k in stats}, catalog.models):
         sparsities = sorted({k[2] for k in stats if k[0] == model and k[2] >= from_sparsity})
         for s in sparsities:
-            baselines = {
-                m: statistics.fmean(v)
-                for (mm, m, ss), v in stats.items()
-                if mm == model
-                and ss == s
-                and m not in catalog.ours
-                and m not in catalog.ablations
-                and m != "dense"
-            }
+            baselines = _baseline_means(stats, catalog, model, s)
             if not baselines:
                 continue
             rival = max(baselines, key=lambda m: baselines[m])
@@ -380,15 +387,7 @@ def render_verdict(rows: Sequence[dict[str, str]], catalog: Catalog, from_sparsi
                 for (mm, m, ss), v in val.items()
                 if mm == model and ss == s and m in catalog.ours
             }
-            baselines = {
-                m: statistics.fmean(v)
-                for (mm, m, ss), v in test.items()
-                if mm == model
-                and ss == s
-                and m not in catalog.ours
-                and m not in catalog.ablations
-                and m != "dense"
-            }
+            baselines = _baseline_means(test, catalog, model, s)
             if not ours or not baselines:
                 continue
             pick = max(ours, key=lambda m: ours[m])
