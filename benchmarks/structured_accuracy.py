@@ -130,10 +130,11 @@ def run_one(worker: Worker, task: Task) -> dict[str, Any]:
             if task.structure == "channels"
             else {"pattern": task.structure, "guard": "off"}
         )
+        seed = task.seed if task.method == "random" else 0  # `seed` applies to random only
         settings = (
             PruningSettings(task.sparsity, steps=PROSPR_STEPS, lr=PROSPR_LR, **kind)
             if task.method == "prospr"
-            else PruningSettings(task.sparsity, method=task.method, seed=task.seed, **kind)
+            else PruningSettings(task.sparsity, method=task.method, seed=seed, **kind)
         )
         repeat = PROSPR_STEPS + 1 if task.method == "prospr" else 1  # one batch, reused by every step
         start = time.perf_counter()
