@@ -7,11 +7,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from benchmark_scripts import load_script, run_script
+import pytest
+from benchmark_scripts import ROOT, load_script, run_script
+
+DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.mark.skipif(
+    not (DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found under {DATA} (offline data folder)"
+)
 def test_structured_accuracy_quick_gives_every_method_the_same_small_network(tmp_path: Path) -> None:
-    run_script("structured_accuracy", "--quick", "--out-dir", str(tmp_path))
+    run_script("structured_accuracy", "--quick", "--out-dir", str(tmp_path), "--data-root", str(DATA))
     every = list(csv.DictReader(open(tmp_path / "results.csv")))
     rows = {r["method"]: r for r in every if r["structure"] == "channels"}
     assert list(rows) == ["dense", "prospr", "snip", "magnitude", "random"]
