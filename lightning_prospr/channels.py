@@ -14,6 +14,16 @@ predictions (eval mode) as zeroing that channel's rows, bias and norm parameters
 network. Groups that fail, or that couple with a weight outside the pruned set, are left out, with
 the reason ([`ChannelGroups.excluded`][lightning_prospr.channels.ChannelGroups]).
 
+**Attention heads.** In an attention module with separate query, key and value projections (Hugging
+Face's BERT, ViT, RoBERTa ... `nn.Linear` layers named `query`/`key`/`value` or `q_proj`/...), the
+graph couples the three projections' output rows with the input columns of the output projection,
+but removing one row leaves a head narrower than the others. When the projections' common parent
+module says its head size (an integer `attention_head_size` or `head_dim`, and a head count
+`num_attention_heads` or `num_heads` with rows = heads x head size), the group's channels are its
+**heads**: each head's rows in all three projections are scored, kept and removed together, and
+the parent's head count (and `all_head_size`) follows the removal. Packed projections
+(`nn.MultiheadAttention`, timm's `qkv`, GPT-2's `c_attn`) are not grouped by head; they stay whole.
+
 A removed channel's norm scale and shift and its biases are masked too
 ([`ChannelGroup.dead_with`][lightning_prospr.channels.ChannelGroup]): without that, a BatchNorm
 after a pruned convolution still emits its shift $\\beta$ into the next layer, and the masked
@@ -25,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +49,9 @@ __all__ = ["ChannelGroup", "ChannelGroups", "Coupled", "channel_groups", "predic
 
 #: Relative tolerance of the check that a group removes what masking it removes.
 CHECK_TOLERANCE = 1e-4
+#: Attributes of an attention module that give its head size, and its head count.
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -79,12 +92,17 @@ class ChannelGroup:
         size: the number of channels.
         producers: the pruned weights whose dim-0 rows are the group's channels (each a `Coupled`).
         dead_with: biases and norm scales and shifts of those channels, masked with them.
+        rows: rows of the root weight per channel: 1, or the head size when the channels are the
+            heads of an attention module.
+        attention: that attention module's name (its head count is updated on removal), or `""`.
     """
 
     root: str
     size: int
     producers: tuple[Coupled, ...]
     dead_with: tuple[Coupled, ...] = ()
+    rows: int = 1
+    attention: str = ""
 
     def scores(self, channel_scores: Mapping[str, Tensor]) -> Tensor:
         """The group's score per channel: the sum of its producers' channel scores."""
@@ -275,7 +293,46 @@ def _group_of(
                 None,
                 f"its channels reach {owner} ({type(target).__name__}), which this check does not cover",
             )
-    return ChannelGroup(name, size, tuple(producers.values()), tuple(dead.values())), ""
+    group_ = ChannelGroup(name, size, tuple(producers.values()), tuple(dead.values()))
+    return _as_heads(model, group_) or group_, ""
+
+
+def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int] | None:
+    """`(module name, head count, head size)` when the group's producers are the projections of
+    one attention module that declares its heads (see the module docstring), else None."""
+    owners = {member.name.rpartition(".")[0].rpartition(".")[0] for member in group.producers}
+    if len(group.producers) < 2 or len(owners) != 1:
+        return None
+    owner = owners.pop()
+    module = model.get_submodule(owner)
+    size = next((v for a in HEAD_SIZE_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
+    count = next((v for a in HEAD_COUNT_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
+    if size is None or count is None or size < 2 or count * size != group.size:
+        return None
+    named = dict(model.named_parameters())
+    if any(named[member.name].shape[0] != group.size for member in group.producers):
+        return None  # grouped-query attention (fewer key/value heads) is not grouped by head
+    return owner, count, size
+
+
+def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
+    """The group with the attention heads as its channels, when it is one (else None)."""
+    found = _attention_of(model, group)
+    if found is None:
+        return None
+    owner, count, size = found
+
+    def per_head(member: Coupled) -> Coupled:
+        return Coupled(member.name, member.index, torch.div(member.root, size, rounding_mode="floor"))
+
+    return ChannelGroup(
+        group.root,
+        count,
+        tuple(per_head(m) for m in group.producers),
+        tuple(per_head(m) for m in group.dead_with),
+        rows=size,
+        attention=owner,
+    )
 
 
 def _masked_tensors(model: nn.Module, removed: Mapping[ChannelGroup, Sequence[int]]) -> dict[str, Tensor]:
@@ -300,9 +357,20 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
     for group, channels in removed.items():
         if channels:
             module = model.get_submodule(group.root.rpartition(".")[0])
-            graph.get_pruning_group(
-                module, out_channel_handler(module), idxs=sorted(int(c) for c in channels)
-            ).prune()
+            rows = sorted(int(c) * group.rows + r for c in channels for r in range(group.rows))
+            graph.get_pruning_group(module, out_channel_handler(module), idxs=rows).prune()
+            if group.attention:
+                _set_head_count(
+                    model.get_submodule(group.attention), group.size - len(set(channels)), group.rows
+                )
+
+
+def _set_head_count(module: nn.Module, heads: int, head_size: int) -> None:
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, heads)
+    if isinstance(getattr(module, "all_head_size", None), int):
+        cast(Any, module).all_head_size = heads * head_size
 
 
 def check_removal(

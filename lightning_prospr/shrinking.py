@@ -144,6 +144,11 @@ def _removed_channels(
             mask = channel_masks[member.name].reshape(-1).cpu().bool()
             mine = torch.ones(group.size, dtype=torch.bool)
             mine[member.root] = mask[member.index]
+            if not torch.equal(mine[member.root], mask[member.index]):
+                raise ShrinkError(
+                    f"the mask of `{member.name}` splits an attention head of `{group.attention}`: keep or "
+                    f"remove each head's {group.rows} rows together, as compute_masks(structured=True) does."
+                )
             if keep is not None and not torch.equal(keep, mine):
                 others = ", ".join(m.name for m in group.producers)
                 raise ShrinkError(

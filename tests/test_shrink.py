@@ -175,3 +175,77 @@ def test_coupled_masks_must_agree():
     a[0], b[1] = False, False
     with pytest.raises(ShrinkError, match="coupled weights disagree"):
         shrink(model, {"conv1.weight": a, "layer1.0.conv2.weight": b}, torch.randn(1, 3, 64, 64))
+
+
+class BertClassifier(nn.Module):
+    """Hugging Face's BERT (random init from a config, no dropout) with a linear head on token 0."""
+
+    def __init__(self, heads: int = 4, hidden: int = 32) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=50, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+            intermediate_size=2 * hidden, max_position_embeddings=16, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.bert = BertModel(config)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(input_ids=ids).last_hidden_state[:, 0])
+
+
+def bert_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randint(0, 50, (6, 10), generator=gen), torch.randint(0, 3, (6,), generator=gen)
+
+
+def test_attention_heads_are_scored_kept_and_removed_whole():
+    """BERT's query, key and value projections: each head's rows are one channel of one group, the
+    masks keep or remove whole heads in all three, and the shrunk network has fewer heads and
+    computes what the masked one computes (eval, train, and after an SGD step)."""
+    torch.manual_seed(0)
+    model, batch = BertClassifier(), bert_batch()
+    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform")
+    with pytest.warns(UserWarning, match="keeps 5 weight"):  # the residual stream stays whole
+        result = compute_masks(model, ce_loss, [batch], settings)
+    assert result.groups is not None
+    prefix = "bert.encoder.layer.0.attention"
+    group = result.groups.group_of(f"{prefix}.self.query.weight")
+    assert group is not None and (group.size, group.rows, group.attention) == (4, 8, f"{prefix}.self")
+    assert {p.name for p in group.producers} == {
+        f"{prefix}.self.{w}.weight" for w in ("query", "key", "value")
+    }
+    keep = result.channel_masks[f"{prefix}.self.query.weight"].reshape(4, 8)
+    assert bool((keep == keep[:, :1]).all()) and int(keep[:, 0].sum()) == 2  # whole heads, 2 of 4
+    for w in ("key", "value"):
+        assert torch.equal(result.channel_masks[f"{prefix}.self.{w}.weight"], keep.reshape(-1))
+        assert torch.equal(result.coupled[f"{prefix}.self.{w}.bias"], keep.reshape(-1))
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, loss_fn=ce_loss, example_input=batch)
+    attention = small.bert.encoder.layer[0].attention
+    assert (attention.self.num_attention_heads, attention.self.all_head_size) == (2, 16)
+    assert attention.self.query.weight.shape == (16, 32) and attention.output.dense.weight.shape == (32, 16)
+    for train in (False, True):
+        a, b = output(masked, batch[0], train), output(small, batch[0], train)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
+    for net in (masked, small):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        ce_loss(net.train(), batch).backward()
+        optimizer.step()
+    a, b = output(masked, batch[0], False), output(small, batch[0], False)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
+def test_a_mask_that_splits_a_head_is_refused():
+    model = BertClassifier()
+    keep = torch.ones(32, dtype=torch.bool)
+    keep[3] = False  # one row of head 0
+    name = "bert.encoder.layer.0.attention.self"
+    masks = {f"{name}.{w}.weight": keep for w in ("query", "key", "value")}
+    shapes = {n: p.shape for n, p in model.state_dict().items()}
+    with pytest.raises(ShrinkError, match=rf"splits an attention head of `{name}`: .* 8 rows together"):
+        shrink(model, masks, loss_fn=ce_loss, example_input=bert_batch())
+    assert {n: p.shape for n, p in model.state_dict().items()} == shapes
