@@ -4,6 +4,9 @@ Run from the repository root::
 
     python benchmarks/shrink.py                      # ResNet-20 and VGG-16-BN at 50 / 75 / 90 %
     python benchmarks/shrink.py --quick              # smoke test (ResNet-20, 50 %, batch 16)
+    python benchmarks/shrink.py --memory-format channels_last \
+        --out-dir benchmarks/results/shrink-channels-last  # the same in channels-last layout
+    python benchmarks/shrink.py --models resnet20 --sparsities 0.75 --round-to 8 --out-dir /tmp/round8
 
 For each model (CIFAR-shaped random images, 10 classes, cross-entropy) and structured sparsity,
 structured ProsPr masks (default settings, one scoring batch of 32) give three networks from the
@@ -19,7 +22,11 @@ the machine's load affects all three alike): a **train step** (`zero_grad`, forw
 SGD step with momentum) and an **inference** pass (eval mode, `torch.no_grad`), at `--batch`
 (default 128). The figure is the median CPU time of the process over `--repeats` calls after one
 warm-up call, with `--threads` (default 1) OpenMP threads: with one thread the CPU time counts the
-work done whatever else runs on the machine. Parameters are counted; MACs are those of one
+work done whatever else runs on the machine. `--memory-format channels_last` puts every network
+and the images in channels-last layout (oneDNN's preferred layout for convolutions on CPU), the
+same for all three networks. `--round-to k` rounds every shrunk width up to a multiple of k (the
+extra channels are the lowest-numbered removed ones: a timing experiment, not a pruning rule), to
+see whether kernels favour such widths. Parameters are counted; MACs are those of one
 forward pass of one image (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2). The masked
 network runs the dense kernels, so its MACs are the dense ones.
 
@@ -34,11 +41,11 @@ import argparse
 import csv
 import platform
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from common.timing import timed
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +53,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_prospr import PruningSettings, apply_masks, compute_masks, shrink
 from lightning_prospr.models import VGG16BN, ResNet20
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.timing import timed
+
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "vgg16bn": VGG16BN}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 COLUMNS = [
     "model", "sparsity", "variant", "parameters", "macs", "train_s", "infer_s",
     "train_vs_dense", "infer_vs_dense", "mac_reduction", "train_speedup_vs_macs",
@@ -86,7 +97,20 @@ def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def networks(name: str, sparsity: float, seed: int) -> dict[str, nn.Module]:
+def round_widths(channel_masks: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Each channel mask with removed channels put back until the kept count is a multiple of
+    `multiple` (or every channel is kept); coupled weights, having equal masks, stay equal."""
+    out = {}
+    for name, mask in channel_masks.items():
+        keep = mask.reshape(-1).bool().clone()
+        kept = int(keep.sum())
+        want = min(keep.numel(), -(-kept // multiple) * multiple)
+        keep[(~keep).nonzero().reshape(-1)[: want - kept]] = True
+        out[name] = keep
+    return out
+
+
+def networks(name: str, sparsity: float, seed: int, round_to: int = 1) -> dict[str, nn.Module]:
     """Dense, masked and shrunk networks of one initialization."""
     torch.manual_seed(seed)
     dense = MODELS[name]()
@@ -99,15 +123,28 @@ def networks(name: str, sparsity: float, seed: int) -> dict[str, nn.Module]:
     apply_masks(masked, {**result.masks, **result.coupled})
     small = MODELS[name]()
     small.load_state_dict(state)
-    shrink(small, result.channel_masks, loss_fn=loss_fn, example_input=scoring[0])
+    channel_masks = round_widths(result.channel_masks, round_to) if round_to > 1 else result.channel_masks
+    shrink(small, channel_masks, loss_fn=loss_fn, example_input=scoring[0])
     dense.load_state_dict(state)
     return {"dense": dense, "masked": masked, "shrunk": small}
 
 
-def measure(name: str, sparsity: float, batch: int, repeats: int, seed: int) -> list[dict[str, object]]:
-    nets = networks(name, sparsity, seed)
+def measure(
+    name: str,
+    sparsity: float,
+    batch: int,
+    repeats: int,
+    seed: int,
+    memory_format: str = "contiguous",
+    round_to: int = 1,
+) -> list[dict[str, object]]:
+    nets = networks(name, sparsity, seed, round_to)
+    layout = MEMORY_FORMATS[memory_format]
+    for net in nets.values():
+        net.to(memory_format=layout)
     gen = torch.Generator().manual_seed(seed + 1)
-    data = (torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+    images = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=layout)
+    data = (images, torch.randint(0, 10, (batch,), generator=gen))
     calls = {}
     for variant, net in nets.items():
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -171,6 +208,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default="contiguous")
+    parser.add_argument("--round-to", type=int, default=1, help="round shrunk widths up to a multiple")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/shrink"))
     parser.add_argument("--quick", action="store_true", help="ResNet-20, 50 %%, batch 16, 1 repeat")
     args = parser.parse_args(argv)
@@ -185,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     rows = []
     for name in args.models:
         for sparsity in args.sparsities:
-            rows.extend(measure(name, sparsity, args.batch, args.repeats, args.seed))
+            rows.extend(
+                measure(
+                    name, sparsity, args.batch, args.repeats, args.seed, args.memory_format, args.round_to
+                )
+            )
             print(render(rows[-3:], f"{name} {sparsity:.0%}"), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "results.csv", "w", newline="") as f:
@@ -194,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         writer.writerows(rows)
     header = (
         f"Structured ProsPr, batch {args.batch}, median CPU time of {args.repeats} interleaved calls, "
-        f"{args.threads} thread(s); torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), {args.memory_format} memory format"
+        + (f", shrunk widths rounded up to multiples of {args.round_to}" if args.round_to > 1 else "")
+        + f"; torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}."
     )
     (args.out_dir / "results.md").write_text(render(rows, header), encoding="utf-8")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from benchmark_scripts import run_script
+import torch
+from benchmark_scripts import load_script, run_script
 
 
 def test_shrink_benchmark_quick_counts_a_smaller_network(tmp_path: Path) -> None:
@@ -19,3 +20,14 @@ def test_shrink_benchmark_quick_counts_a_smaller_network(tmp_path: Path) -> None
     assert int(small["macs"]) < int(dense["macs"])
     assert float(small["mac_reduction"]) > 1 and all(float(r["train_s"]) > 0 for r in rows.values())
     assert "| resnet20 | 50% | shrunk |" in (tmp_path / "results.md").read_text()
+
+
+def test_round_widths_puts_back_removed_channels_up_to_a_multiple() -> None:
+    round_widths = load_script("shrink").round_widths
+    a = torch.tensor([True, False, True, False, False, False, True, False, False, False])  # 3 kept
+    full = torch.tensor([True, False, True])  # 2 kept of 3: rounding up to 8 keeps all 3
+    out = round_widths({"a": a, "b": a.clone(), "full": full}, 4)
+    assert int(out["a"].sum()) == 4 and bool(out["a"][a].all())  # the kept ones stay kept
+    assert torch.equal(out["a"], out["b"])  # equal (coupled) masks stay equal
+    assert int(round_widths({"full": full}, 8)["full"].sum()) == 3
+    assert int(out["full"].sum()) == 3
