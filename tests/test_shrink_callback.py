@@ -170,3 +170,62 @@ def test_shrink_refuses_the_spawn_launcher():
     trainer = quiet_trainer([callback], strategy=DDPStrategy(start_method="spawn"), devices=1)
     with pytest.raises(MisconfigurationException, match="shrink=True with the spawn launcher"):
         callback.setup(trainer, ConvNet(), "fit")
+
+
+class BertTagger(pl.LightningModule):
+    """Hugging Face's BERT (from a config, random init, no dropout) with a classifier on token 0;
+    the loss lives in `training_step` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.bert = BertModel(config)
+        self.classifier = nn.Linear(32, 3)
+
+    def training_step(self, batch, batch_idx):
+        hidden = self.bert(input_ids=batch[0]).last_hidden_state
+        return F.cross_entropy(self.classifier(hidden[:, 0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        gen = torch.Generator().manual_seed(0)
+        ids, labels = torch.randint(0, 40, (32, 8), generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        return DataLoader(TensorDataset(ids, labels), batch_size=8)
+
+
+def test_shrink_removes_attention_heads_in_fit_and_on_resume(tmp_path: Path):
+    """BERT in a LightningModule without `forward`: the callback removes whole heads before training,
+    the optimizer holds the smaller tensors, and resuming from the checkpoint rebuilds the heads."""
+
+    def callback() -> ProsprPruningCallback:
+        return ProsprPruningCallback(
+            sparsity=0.5, method="snip", structured=True, shrink=True, allocation="uniform", verbose=False
+        )
+
+    torch.manual_seed(0)
+    module = BertTagger()
+    with pytest.warns(UserWarning, match="keeps .* whole"):  # the hidden stream stays whole
+        trainer = quiet_trainer([callback()], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
+        trainer.fit(module)
+    attention = module.bert.encoder.layer[0].attention
+    assert attention.self.num_attention_heads == 2 and attention.self.value.weight.shape == (16, 32)
+    assert attention.output.dense.weight.shape == (32, 16)
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters()} and trainer.global_step == 2
+    path = tmp_path / "bert.ckpt"
+    trainer.save_checkpoint(path)
+
+    torch.manual_seed(1)
+    fresh = BertTagger()
+    resumed = quiet_trainer([callback()], max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path)
+    resumed.fit(fresh, ckpt_path=path)
+    again = fresh.bert.encoder.layer[0].attention.self
+    assert again.num_attention_heads == 2 and again.all_head_size == 16
+    assert again.query.weight.shape == (16, 32) and resumed.global_step == 4
