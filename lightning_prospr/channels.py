@@ -14,15 +14,16 @@ predictions (eval mode) as zeroing that channel's rows, bias and norm parameters
 network. Groups that fail, or that couple with a weight outside the pruned set, are left out, with
 the reason ([`ChannelGroups.excluded`][lightning_prospr.channels.ChannelGroups]).
 
-**Attention heads.** In an attention module with separate query, key and value projections (Hugging
-Face's BERT, ViT, RoBERTa ... `nn.Linear` layers named `query`/`key`/`value` or `q_proj`/...), the
-graph couples the three projections' output rows with the input columns of the output projection,
-but removing one row leaves a head narrower than the others. When the projections' common parent
-module says its head size (an integer `attention_head_size` or `head_dim`, and a head count
-`num_attention_heads` or `num_heads` with rows = heads x head size), the group's channels are its
-**heads**: each head's rows in all three projections are scored, kept and removed together, and
-the parent's head count (and `all_head_size`) follows the removal. Packed projections
-(`nn.MultiheadAttention`, timm's `qkv`, GPT-2's `c_attn`) are not grouped by head; they stay whole.
+**Attention heads.** In an attention module, the graph couples the query, key and value rows with
+the input columns of the output projection, but removing one row leaves a head narrower than the
+others. When the projections' common parent module says its head size (an integer
+`attention_head_size` or `head_dim`) and head count (`num_attention_heads` or `num_heads`), the
+group's channels are its **heads**: each head's rows in the query, key and value projections are
+scored, kept and removed together, and the parent's head count (and `all_head_size` or
+`attn_dim`) follows the removal. Two layouts are recognized: separate projections of
+heads x head size rows each (Hugging Face's BERT family), and one packed `qkv` projection of
+3 x heads x head size rows (timm's `Attention`). `nn.MultiheadAttention` (a bare `in_proj_weight`),
+GPT-2's `Conv1D` and grouped-query attention are not grouped by head; they stay whole.
 
 A removed channel's norm scale and shift and its biases are masked too
 ([`ChannelGroup.dead_with`][lightning_prospr.channels.ChannelGroup]): without that, a BatchNorm
@@ -35,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,8 @@ CHECK_TOLERANCE = 1e-4
 #: Attributes of an attention module that give its head size, and its head count.
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
+#: Attributes that hold the width heads x head size (Hugging Face's BERT, timm).
+INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -299,19 +302,24 @@ def _group_of(
 
 def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int] | None:
     """`(module name, head count, head size)` when the group's producers are the projections of
-    one attention module that declares its heads (see the module docstring), else None."""
+    one attention module that declares its heads (see the module docstring), else None: two or
+    three projections of `heads x head size` rows each, or one packed `qkv` projection of
+    `3 x heads x head size` rows (timm's layout: all query rows, then key, then value)."""
     owners = {member.name.rpartition(".")[0].rpartition(".")[0] for member in group.producers}
-    if len(group.producers) < 2 or len(owners) != 1:
+    if len(owners) != 1:
         return None
     owner = owners.pop()
     module = model.get_submodule(owner)
     size = next((v for a in HEAD_SIZE_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
     count = next((v for a in HEAD_COUNT_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
-    if size is None or count is None or size < 2 or count * size != group.size:
+    if size is None or count is None or size < 2:
         return None
     named = dict(model.named_parameters())
-    if any(named[member.name].shape[0] != group.size for member in group.producers):
-        return None  # grouped-query attention (fewer key/value heads) is not grouped by head
+    rows = {named[member.name].shape[0] for member in group.producers}
+    separate = len(group.producers) >= 2 and rows == {count * size} == {group.size}
+    packed = len(group.producers) == 1 and rows == {3 * count * size} == {group.size}
+    if not (separate or packed):
+        return None  # e.g. grouped-query attention (fewer key/value heads): not grouped by head
     return owner, count, size
 
 
@@ -322,15 +330,16 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
         return None
     owner, count, size = found
 
-    def per_head(member: Coupled) -> Coupled:
-        return Coupled(member.name, member.index, torch.div(member.root, size, rounding_mode="floor"))
+    def per_head(member: Coupled) -> Coupled:  # row r of the root weight: head (r mod inner) // size
+        head = torch.div(member.root % (count * size), size, rounding_mode="floor")
+        return Coupled(member.name, member.index, head)
 
     return ChannelGroup(
         group.root,
         count,
         tuple(per_head(m) for m in group.producers),
         tuple(per_head(m) for m in group.dead_with),
-        rows=size,
+        rows=group.size // count,
         attention=owner,
     )
 
@@ -357,20 +366,31 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
     for group, channels in removed.items():
         if channels:
             module = model.get_submodule(group.root.rpartition(".")[0])
-            rows = sorted(int(c) * group.rows + r for c in channels for r in range(group.rows))
+            rows = _root_rows(group, channels)
             graph.get_pruning_group(module, out_channel_handler(module), idxs=rows).prune()
             if group.attention:
-                _set_head_count(
-                    model.get_submodule(group.attention), group.size - len(set(channels)), group.rows
-                )
+                _set_head_count(model.get_submodule(group.attention), group.size - len(set(channels)))
 
 
-def _set_head_count(module: nn.Module, heads: int, head_size: int) -> None:
+def _root_rows(group: ChannelGroup, channels: Sequence[int]) -> list[int]:
+    """The rows of the group's root weight that hold the given group channels."""
+    root = next((m for m in group.producers if m.name == group.root), None)
+    if root is None or group.rows == 1:
+        return sorted(int(c) for c in channels)
+    chosen = torch.isin(root.root, torch.tensor([int(c) for c in channels], dtype=torch.long))
+    return sorted(int(r) for r in root.index[chosen])
+
+
+def _set_head_count(module: nn.Module, heads: int) -> None:
+    """Set the attention module's head count to `heads`, and the widths it keeps (heads x head
+    size: `all_head_size`, `attn_dim`) to match."""
+    size = next(v for a in HEAD_SIZE_ATTRS if isinstance(v := getattr(module, a, None), int))
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, heads)
-    if isinstance(getattr(module, "all_head_size", None), int):
-        cast(Any, module).all_head_size = heads * head_size
+    for attr in INNER_WIDTH_ATTRS:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, heads * size)
 
 
 def check_removal(

@@ -249,3 +249,35 @@ def test_a_mask_that_splits_a_head_is_refused():
     with pytest.raises(ShrinkError, match=rf"splits an attention head of `{name}`: .* 8 rows together"):
         shrink(model, masks, loss_fn=ce_loss, example_input=bert_batch())
     assert {n: p.shape for n, p in model.state_dict().items()} == shapes
+
+
+def test_packed_qkv_heads_of_a_timm_vit_are_removed_whole():
+    """timm's ViT packs query, key and value in one `qkv` Linear (all query rows, then key, then
+    value): a head is its rows in all three blocks, and the shrunk ViT computes what the masked one
+    computes."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2)
+    batch = images(32)
+    batch = (batch[0], batch[1] % 3)
+    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform")
+    with pytest.warns(UserWarning, match="bare nn.Parameter"):  # the residual stream stays whole
+        result = compute_masks(model, ce_loss, [batch], settings)
+    assert result.groups is not None
+    group = result.groups.group_of("blocks.0.attn.qkv.weight")
+    assert group is not None and (group.size, group.rows, group.attention) == (3, 192, "blocks.0.attn")
+    keep = result.channel_masks["blocks.0.attn.qkv.weight"].reshape(3, 3, 64)  # (q/k/v, head, row)
+    assert bool((keep == keep[:1, :, :1]).all())  # one decision per head, the same in q, k and v
+    heads = int(keep[0, :, 0].sum())
+    assert 1 <= heads < 3
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, loss_fn=ce_loss, example_input=batch)
+    attention = small.blocks[0].attn
+    assert (attention.num_heads, attention.attn_dim) == (heads, 64 * heads)
+    assert attention.qkv.weight.shape == (3 * 64 * heads, 192) and attention.proj.weight.shape == (
+        192,
+        64 * heads,
+    )
+    for train in (False, True):
+        a, b = output(masked, batch[0], train), output(small, batch[0], train)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
