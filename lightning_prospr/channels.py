@@ -95,8 +95,8 @@ class ChannelGroup:
         size: the number of channels.
         producers: the pruned weights whose dim-0 rows are the group's channels (each a `Coupled`).
         dead_with: biases and norm scales and shifts of those channels, masked with them.
-        rows: rows of the root weight per channel: 1, or the head size when the channels are the
-            heads of an attention module.
+        rows: rows of the root weight per channel: 1, or, when the channels are the heads of an
+            attention module, a head's rows (its size; 3 x its size in a packed `qkv` weight).
         attention: that attention module's name (its head count is updated on removal), or `""`.
     """
 
@@ -296,8 +296,8 @@ def _group_of(
                 None,
                 f"its channels reach {owner} ({type(target).__name__}), which this check does not cover",
             )
-    group_ = ChannelGroup(name, size, tuple(producers.values()), tuple(dead.values()))
-    return _as_heads(model, group_) or group_, ""
+    plain = ChannelGroup(name, size, tuple(producers.values()), tuple(dead.values()))
+    return _as_heads(model, plain) or plain, ""
 
 
 def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int] | None:
