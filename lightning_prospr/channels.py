@@ -310,8 +310,7 @@ def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int]
         return None
     owner = owners.pop()
     module = model.get_submodule(owner)
-    size = next((v for a in HEAD_SIZE_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
-    count = next((v for a in HEAD_COUNT_ATTRS if isinstance(v := getattr(module, a, None), int)), None)
+    size, count = _int_attr(module, HEAD_SIZE_ATTRS), _int_attr(module, HEAD_COUNT_ATTRS)
     if size is None or count is None or size < 2:
         return None
     named = dict(model.named_parameters())
@@ -321,6 +320,11 @@ def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int]
     if not (separate or packed):
         return None  # e.g. grouped-query attention (fewer key/value heads): not grouped by head
     return owner, count, size
+
+
+def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
+    """The first of the attributes `names` that `module` holds as an int, or None."""
+    return next((v for a in names if isinstance(v := getattr(module, a, None), int)), None)
 
 
 def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
@@ -373,9 +377,10 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
 
 
 def _root_rows(group: ChannelGroup, channels: Sequence[int]) -> list[int]:
-    """The rows of the group's root weight that hold the given group channels."""
+    """The rows of the group's root weight that hold the given group channels (the channels
+    themselves, unless a channel is a head of several rows)."""
     root = next((m for m in group.producers if m.name == group.root), None)
-    if root is None or group.rows == 1:
+    if root is None:
         return sorted(int(c) for c in channels)
     chosen = torch.isin(root.root, torch.tensor([int(c) for c in channels], dtype=torch.long))
     return sorted(int(r) for r in root.index[chosen])
@@ -384,7 +389,8 @@ def _root_rows(group: ChannelGroup, channels: Sequence[int]) -> list[int]:
 def _set_head_count(module: nn.Module, heads: int) -> None:
     """Set the attention module's head count to `heads`, and the widths it keeps (heads x head
     size: `all_head_size`, `attn_dim`) to match."""
-    size = next(v for a in HEAD_SIZE_ATTRS if isinstance(v := getattr(module, a, None), int))
+    size = _int_attr(module, HEAD_SIZE_ATTRS)
+    assert size is not None, "only attention groups (whose module declares its head size) get here"
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, heads)
