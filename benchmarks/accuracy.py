@@ -78,7 +78,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.data import (  # re-exported for the tests
     DEFAULT_DATA_ROOT,
     Data,
-    load_data,
 )
 from common.render import (
     Catalog,
@@ -94,7 +93,7 @@ from common.render import (
 )
 from common.results import ResultStore
 from common.runner import run_tasks
-from common.training import Recipe, evaluate, train
+from common.training import Recipe, Worker, evaluate, start_worker, train
 
 from lightning_prospr import MaskResult, PruningSettings, compute_masks, default_parameter_names
 from lightning_prospr.ablations import reinitialize, shuffle_within_layers
@@ -726,35 +725,6 @@ def _progress(done: int, total: int, row: dict[str, Any], started: float) -> str
 
 #: One unit of work: the run, its scoring settings, and whether to evaluate on the test set.
 Task = tuple[RunSpec, Scoring, bool]
-
-
-@dataclass(frozen=True)
-class Worker:
-    """What every run of a process shares: the data (loaded once per process), recipe, device."""
-
-    data: Data
-    recipe: Recipe
-    device: torch.device
-    max_steps: int | None
-
-
-def start_worker(
-    dataset: str,
-    root: Path,
-    limit: int | None,
-    recipe: Recipe,
-    device: str,
-    threads: int,
-    max_steps: int | None,
-) -> Worker:
-    """Load the data once per process and fix the thread count."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, threads))
-    data = load_data(dataset, root, limit)
-    if dev.type != "cpu":  # whole splits on the accelerator: batches and augmentation never leave it
-        data = replace(data, train=data.train.to(dev), val=data.val.to(dev), test=data.test.to(dev))
-    return Worker(data, recipe, dev, max_steps)
 
 
 def work(worker: Worker, task: Task) -> dict[str, Any]:

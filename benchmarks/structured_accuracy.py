@@ -3,6 +3,8 @@
 Run from the repository root::
 
     python benchmarks/structured_accuracy.py     # MNIST, LeNet-5 and LeNet-300-100, 3 seeds
+    python benchmarks/structured_accuracy.py --grid cifar10-short --structures channels \
+        --methods prospr snip magnitude random --sparsities 0.75   # CIFAR-10, ResNet-20
     python benchmarks/structured_accuracy.py --quick --out-dir /tmp/q   # smoke test (seconds)
 
 Two kinds of mask (``--structures``), each a table of its own:
@@ -19,18 +21,23 @@ Every run builds the model with ``torch.manual_seed(seed)``, computes **structur
 (`PruningSettings(structured=True, allocation="uniform")`: the same fraction of the output
 channels / units removed in every layer, the classifier's outputs kept), **shrinks** the network
 (`lightning_prospr.shrink`: the pruned channels are removed, the tensors get smaller) and trains the
-small network with the MNIST recipe of ``benchmarks/accuracy.py`` (SGD 0.1, momentum 0.9, one-cycle,
-2 epochs, batch 128). Because the allocation is uniform, every method keeps the same number of
-channels in every layer, so every method's network has the same shape, parameters and MACs: only
-*which* channels are kept differs. (With the global allocation the channel sums of magnitude and
-random scores grow with a channel's fan-in, so they keep the wide fully connected layer and cut the
-convolutions to one channel: their MACs would differ from ProsPr's by an order of magnitude.) The
-table reports the MACs of every run and marks a cell where they are not all equal (for ``2:4``,
-the MACs of the dense kernels that train it).
+small network with the grid's recipe of ``benchmarks/accuracy.py`` (``--grid mnist``: SGD 0.1,
+momentum 0.9, one-cycle, 2 epochs, batch 128; ``--grid cifar10-short``: ResNet-20 on CIFAR-10, the
+same with weight decay 5e-4, 3 epochs, augmentation and bf16 autocast). Because the allocation is
+uniform, every method keeps the same number of channels in every layer, so every method's network
+has the same shape, parameters and MACs: only *which* channels are kept differs. (With the global
+allocation the channel sums of magnitude and random scores grow with a channel's fan-in, so they
+keep the wide fully connected layer and cut the convolutions to one channel: their MACs would
+differ from ProsPr's by an order of magnitude.) The table reports the MACs of every run and marks
+a cell where they are not all equal (for ``2:4``, the MACs of the dense kernels that train it).
 
 ProsPr uses the settings chosen on the validation split in ``benchmarks/results/mnist/study.md``
-(M = 3, lr 0.1, one batch of 128 reused); SNIP and magnitude score the same batch; random draws
-its channels from the run's seed. The MACs are those of one forward pass of one image
+(M = 3, lr 0.1, one batch of 128 reused; the CIFAR-10 grid of ``benchmarks/accuracy.py`` uses the
+same); SNIP and magnitude score the same batch; random draws its channels from the run's seed. On
+ResNet-20 (option-A shortcuts: the residual stream is padded with zero channels, which the
+dependency graph cannot follow) the stem and the blocks' second convolutions, whose outputs are the
+residual stream, stay whole for every method (the engine warns once per run); the blocks' inner
+widths are pruned. The MACs are those of one forward pass of one image
 (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2). Results go to ``results.csv`` (resumable:
 a run already there is not repeated) and ``results.md`` under ``--out-dir``.
 """
@@ -54,16 +61,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import RECIPES, build_model, loss_fn, scoring_batches
-from common.data import DEFAULT_DATA_ROOT, Data, load_data
+from accuracy import DATASET_OF, GRIDS, RECIPES, build_model, loss_fn, scoring_batches
+from common.data import DEFAULT_DATA_ROOT
 from common.results import ResultStore
 from common.runner import run_tasks
-from common.training import Recipe, evaluate, train
+from common.training import Recipe, Worker, evaluate, start_worker, train
 
 from lightning_prospr import PruningSettings, apply_masks, compute_masks, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("lenet5", "lenet300100")
+#: The grids this benchmark runs (a data set, its models and the recipe of ``benchmarks/accuracy.py``).
+STRUCTURED_GRIDS = {"mnist": ("lenet5", "lenet300100"), "cifar10-short": GRIDS["cifar10-short"]}
+MODELS = tuple(m for models in STRUCTURED_GRIDS.values() for m in models)
 METHODS = ("dense", "prospr", "snip", "magnitude", "random")
 SPARSITIES = (0.5, 0.75, 0.9)
 STRUCTURES = ("channels", "2:4")
@@ -99,21 +108,6 @@ class Task:
     method: str
     sparsity: float
     seed: int
-
-
-@dataclass(frozen=True)
-class Worker:
-    data: Data
-    recipe: Recipe
-    device: torch.device
-    max_steps: int | None
-
-
-def start_worker(
-    root: Path, limit: int | None, recipe: Recipe, threads: int, max_steps: int | None
-) -> Worker:
-    torch.set_num_threads(max(1, threads))
-    return Worker(load_data("mnist", root, limit), recipe, torch.device("cpu"), max_steps)
 
 
 def run_one(worker: Worker, task: Task) -> dict[str, Any]:
@@ -155,7 +149,7 @@ def run_one(worker: Worker, task: Task) -> dict[str, Any]:
     )
     train_seconds = time.perf_counter() - start
     return {
-        "dataset": "mnist",
+        "dataset": DATASET_OF[task.model],
         "model": task.model,
         "structure": task.structure,
         "method": task.method,
@@ -276,33 +270,55 @@ def render(rows: Sequence[dict[str, str]], methods: Sequence[str]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Structured pruning at equal MACs on MNIST: shrunk networks, trained.",
+        description="Structured pruning at equal MACs: shrunk networks, trained.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--grid",
+        choices=list(STRUCTURED_GRIDS),
+        default="mnist",
+        help="data set, models and recipe (those of benchmarks/accuracy.py)",
+    )
     parser.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES))
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, help="default: the grid's models")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, in worker processes")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "structured")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="default: benchmarks/results/structured (mnist), structured-cifar10-short (cifar10-short)",
+    )
     parser.add_argument("--render", action="store_true", help="only re-render results.md")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke preset: LeNet-300-100, 75 %%, seed 0, 20 steps, 2,000 images",
+        help="smoke preset: the grid's last model (LeNet-300-100, ResNet-20), 75 %%, seed 0, 20 steps, "
+        "2,000 images",
     )
     args = parser.parse_args(argv)
     args.max_steps = args.limit = None
+    grid_models = STRUCTURED_GRIDS[args.grid]
     if args.quick:
         args.models, args.sparsities, args.seeds, args.max_steps, args.limit = (
-            ["lenet300100"],
+            [grid_models[-1]],
             [0.75],
             [0],
             20,
             2000,
         )
+    args.models = args.models or list(grid_models)
+    foreign = [m for m in args.models if m not in grid_models]
+    if foreign:
+        parser.error(
+            f"--models {' '.join(foreign)} not in --grid {args.grid} ({' '.join(grid_models)}); "
+            "pass the grid of their data set"
+        )
+    if args.out_dir is None:
+        name = "structured" if args.grid == "mnist" else f"structured-{args.grid}"
+        args.out_dir = ROOT / "benchmarks" / "results" / name
     for s in args.sparsities:
         if not 0.0 < s < 1.0:
             parser.error(f"--sparsities must lie in (0, 1), got {s}")
@@ -313,7 +329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     args = parse_args(argv)
-    recipe = RECIPES["mnist"]
+    recipe = RECIPES[args.grid]
     threads = max(1, min(2, os.cpu_count() or 1) // args.jobs)
     torch.set_num_threads(threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +350,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
             if task_key(t, recipe) not in done
         ]
         print(f"{len(todo)} runs to do", flush=True)
-        init = (args.data_root, args.limit, recipe, threads, args.max_steps)
+        init = (
+            DATASET_OF[args.models[0]],
+            args.data_root,
+            args.limit,
+            recipe,
+            "cpu",
+            threads,
+            args.max_steps,
+        )
         started = time.perf_counter()
         for i, row in enumerate(run_tasks(todo, start_worker, init, run_one, args.jobs), 1):
             results.append(row)

@@ -40,6 +40,37 @@ def test_structured_accuracy_quick_gives_every_method_the_same_small_network(tmp
     assert "| lenet300100 | 2:4 (50.0% of weights) | 266,200 | 266610 |" in table
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (DATA / "cifar-10-batches-py").is_dir(),
+    reason=f"real CIFAR-10 not found under {DATA} (offline data folder)",
+)
+def test_structured_accuracy_cifar_grid_shrinks_resnet20_inner_widths_alike(tmp_path: Path) -> None:
+    run_script(
+        "structured_accuracy", "--grid", "cifar10-short", "--quick", "--structures", "channels",
+        "--methods", "prospr", "random", "--out-dir", str(tmp_path), "--data-root", str(DATA),
+        timeout=900,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["dataset"], r["model"], r["method"]) for r in rows] == [
+        ("cifar10", "resnet20", "prospr"),
+        ("cifar10", "resnet20", "random"),
+    ]
+    # The blocks' inner widths (16, 32, 64 in the three stages) lose 75 %; the residual stream stays.
+    assert {r["kept_channels"] for r in rows} == {"4 4 4 8 8 8 16 16 16"}
+    assert len({(r["macs"], r["parameters"]) for r in rows}) == 1
+    assert "wd=0.0005" in rows[0]["recipe"] and rows[0]["recipe"].endswith("bf16")
+
+
+def test_models_of_another_data_set_are_refused() -> None:
+    bench = load_script("structured_accuracy")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "resnet20"])
+    assert bench.parse_args(["--grid", "cifar10-short"]).models == ["resnet20"]
+    assert bench.parse_args([]).out_dir.name == "structured"
+    assert bench.parse_args(["--grid", "cifar10-short"]).out_dir.name == "structured-cifar10-short"
+
+
 def _row(method: str, acc: float, macs: int, seed: int) -> dict[str, str]:
     return {
         "model": "lenet5", "structure": "channels", "method": method, "sparsity": "0.5",

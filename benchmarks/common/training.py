@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.data import Data, Split, augment_batch
+from common.data import Data, Split, augment_batch, load_data
 
-__all__ = ["Recipe", "evaluate", "train"]
+__all__ = ["Recipe", "Worker", "evaluate", "start_worker", "train"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,35 @@ class Recipe:
             f"sgd lr={self.lr:g} m={self.momentum:g} wd={self.weight_decay:g} b={self.batch_size} "
             f"e={self.epochs} {sched}" + (f" {self.precision}" if self.precision != "32" else "")
         )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What every run of a process shares: the data (loaded once per process), recipe, device."""
+
+    data: Data
+    recipe: Recipe
+    device: torch.device
+    max_steps: int | None
+
+
+def start_worker(
+    dataset: str,
+    root: Path,
+    limit: int | None,
+    recipe: Recipe,
+    device: str,
+    threads: int,
+    max_steps: int | None,
+) -> Worker:
+    """Load the data once per process and fix the thread count (a `common.runner` setup)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, threads))
+    data = load_data(dataset, root, limit)
+    if dev.type != "cpu":  # whole splits on the accelerator: batches and augmentation never leave it
+        data = replace(data, train=data.train.to(dev), val=data.val.to(dev), test=data.test.to(dev))
+    return Worker(data, recipe, dev, max_steps)
 
 
 @torch.no_grad()
