@@ -69,6 +69,10 @@ class ProsprPruningCallback(Callback):
             ([`prunable`][lightning_prospr.prunable]: Linear, Conv and ConvTranspose weights,
             Hugging Face `Conv1D`, attention and RNN matrices; not embeddings, biases or norms).
         structured: prune whole output channels (one mask per channel, the classifier excluded).
+        head_sparsity: with `structured=True`, the fraction of each attention module's heads to
+            remove, apart from `sparsity` (which then counts the other channels); `None`: heads
+            compete as channel groups
+            ([`PruningSettings`][lightning_prospr.settings.PruningSettings]).
         allocation: the layer densities: `"global"` (one top-k over all layers), `"uniform"` (the
             same density in every layer) or `"erk"` (RigL's Erdős–Rényi-Kernel rule); the scores
             choose within each layer ([`allocation`][lightning_prospr.allocation]).
@@ -129,6 +133,7 @@ class ProsprPruningCallback(Callback):
         mode: str = "full",
         parameters: list[str] | None = None,
         structured: bool = False,
+        head_sparsity: float | None = None,
         allocation: str = "global",
         pattern: str | None = None,
         rounds: int | None = None,
@@ -146,6 +151,7 @@ class ProsprPruningCallback(Callback):
         self.settings = PruningSettings(
             sparsity, method, steps, lr, momentum, weight_decay, mode, parameters, structured,
             allocation, pattern, rounds, unrolls, grasp_batches, guard, layer_floor, seed,
+            head_sparsity,
         )  # fmt: skip
         if reuse_batch and not self.settings.method_spec.data:
             raise ValueError(

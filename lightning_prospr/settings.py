@@ -98,6 +98,14 @@ class PruningSettings:
             `"floor"` (the floor only) or `"off"` (plain top-k).
         layer_floor: the guard's minimum of weights kept per tensor.
         seed: the random method's seed.
+        head_sparsity: with `structured`, the fraction of each attention module's heads to remove,
+            chosen within the module by the heads' scores: a module of $h$ heads keeps
+            $h - \\min(h - 1, \\operatorname{round}(s_h h))$ (at least one). `sparsity` and
+            `allocation` then count only the other channels, and the guard leaves the heads alone.
+            `None` (default): heads are channel groups like any other; under the global allocation
+            a head's score sums several head-size rows, so heads are rarely removed (the
+            shrinking guide's "Attention heads"). Needs a model whose heads are found (it is an
+            error otherwise).
 
     Example:
         >>> from lightning_prospr import PruningSettings
@@ -128,6 +136,7 @@ class PruningSettings:
     guard: str = "connected"
     layer_floor: int = 1
     seed: int = 0
+    head_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -163,6 +172,8 @@ class PruningSettings:
             _integer(name, getattr(self, name), low)
         if self.rounds is not None:
             _integer("rounds", self.rounds, 1)
+        if self.head_sparsity is not None:
+            check_sparsity(self.head_sparsity, "head_sparsity")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__}.")
         if self.parameters is not None and (isinstance(self.parameters, str) or not self.parameters):
@@ -201,6 +212,11 @@ class PruningSettings:
             )
         if self.pattern is not None:
             self._check_pattern()
+        if self.head_sparsity is not None and not self.structured:
+            raise ValueError(
+                "`head_sparsity` removes whole attention heads and needs structured=True; leave it "
+                "None for unstructured masks."
+            )
         if self.structured and not method.structured:
             raise ValueError(
                 f"`structured=True` supports method in {', '.join(_names(structured=True))}, "
@@ -259,6 +275,8 @@ class PruningSettings:
         parts = [self.method_spec.describe(self), f"{self.rounds_used} round{'s' * (self.rounds_used > 1)}"]
         if self.structured:
             parts.append("structured")
+        if self.head_sparsity is not None:
+            parts.append(f"head sparsity {self.head_sparsity:g}")
         parts.append(f"pattern {self.pattern}" if self.pattern else f"{self.allocation} allocation")
         if self.unrolls > 1:
             parts.append(f"{self.unrolls} unrolls")

@@ -5,14 +5,17 @@ channel, shape `(out, 1, ..., 1)`). Channels that must be removed together (a ch
 [`channels`][lightning_prospr.channels]: the convolutions added into one residual stream, a
 depthwise convolution and the pointwise one before it) are scored together: a group's channel
 scores the sum of its producers' channel scores, and the top-k runs over the groups' channels
-(with the layer-wise `allocation`, each group a layer). The masks are expanded back to every
-producer's rows and to the biases and norm parameters of the removed channels, so that a removed
-channel is dead, and the masked network is the network [`shrink`][lightning_prospr.shrinking.shrink]
-builds.
+(with the layer-wise `allocation`, each group a layer). With `head_sparsity`, the groups whose
+channels are an attention module's heads are selected apart: each keeps its best-scored heads, the
+same fraction in every module, and the top-k over the other groups meets `sparsity`. The masks are
+expanded back to every producer's rows and to the biases and norm parameters of the removed
+channels, so that a removed channel is dead, and the masked network is the network
+[`shrink`][lightning_prospr.shrinking.shrink] builds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -61,6 +64,20 @@ def select_channels(
     """Score the producers of `groups`, select channels per group in `run.settings.rounds_used`
     rounds, apply the per-group floor, and expand the group masks to every coupled tensor."""
     settings = run.settings
+    heads = [g for g in groups if g.attention] if settings.head_sparsity is not None else []
+    if settings.head_sparsity is not None and not heads:
+        raise ValueError(
+            "`head_sparsity` applies to attention heads, and none of the pruned weights is the "
+            "query, key and value projections of an attention module whose heads were found "
+            "(see the shrinking guide for the modules recognized); leave head_sparsity=None."
+        )
+    if len(heads) == len(groups):
+        raise ValueError(
+            "every channel group of the pruned weights is an attention module's heads, so "
+            "`sparsity` has no channels to count; prune the heads with sparsity alone and leave "
+            "head_sparsity=None."
+        )
+    others = [g for g in groups if g not in heads]
     named = dict(run.model.named_parameters())
     shapes = {
         member.name: named[parameter_key(named, member.name)].shape
@@ -73,22 +90,40 @@ def select_channels(
     if current is not None:  # a channel already pruned in every producer stays pruned
         chosen = {g.root: _group_alive(g, current) for g in groups}
     scores: dict[str, Tensor] = {}
-    for target in density_schedule(settings.sparsity, settings.rounds_used):
+    rounds = settings.rounds_used
+    head_targets = density_schedule(settings.head_sparsity or 0.0, rounds) if heads else [0.0] * rounds
+    for target, head_target in zip(density_schedule(settings.sparsity, rounds), head_targets, strict=True):
         channel_scores = run.settings.method_spec.score(run, current)
         if score_hook is not None:
             channel_scores = score_hook(channel_scores)
         scores = {g.root: g.scores(channel_scores) for g in groups}
-        chosen = select_masks(scores, target, allocation=settings.allocation, within=chosen, shapes=roots)
+        other_scores = {g.root: scores[g.root] for g in others}
+        selected = select_masks(
+            other_scores,
+            target,
+            allocation=settings.allocation,
+            within=None if chosen is None else {g.root: chosen[g.root] for g in others},
+            shapes={g.root: roots[g.root] for g in others},
+        )
+        for group in heads:
+            selected[group.root] = _keep_heads(
+                scores[group.root], head_target, None if chosen is None else chosen[group.root]
+            )
+        chosen = selected
         current = {
             n: m.to(named[parameter_key(named, n)].device)
             for n, m in _producer_masks(groups, chosen, shapes).items()
         }
     assert chosen is not None
     guard = GuardReport()
-    if settings.guard != "off":
-        chosen, guard = guard_masks(
-            scores, chosen, layer_floor=settings.layer_floor, per_layer=settings.allocation != "global"
+    if settings.guard != "off":  # the heads keep at least one each, and their count, apart from it
+        guarded, guard = guard_masks(
+            {g.root: scores[g.root] for g in others},
+            {g.root: chosen[g.root] for g in others},
+            layer_floor=settings.layer_floor,
+            per_layer=settings.allocation != "global",
         )
+        chosen = {**chosen, **guarded}
     expanded: dict[str, Tensor] = {}
     for group in groups:
         expanded.update(group.expand(chosen[group.root], shapes))
@@ -98,6 +133,24 @@ def select_channels(
     coupled = {n: m.clone().to(device[n]) for n, m in expanded.items() if n not in producers}
     channel_masks = {n: m.reshape(m.shape[0], -1)[:, 0].clone() for n, m in masks.items()}
     return ChannelSelection(masks, coupled, channel_masks, guard)
+
+
+def _keep_heads(scores: Tensor, sparsity: float, within: Tensor | None) -> Tensor:
+    """`(heads,)` keep-mask of one attention module: `min(h - 1, round(sparsity * h))` of its `h`
+    heads removed, the worst-scored first (heads already removed in `within` count, and stay
+    removed); ties remove the earlier head."""
+    count = scores.numel()
+    removed = min(count - 1, round(sparsity * count))
+    order = scores.double().clone()
+    if within is not None:
+        allowed = within.reshape(-1).cpu().bool()
+        order[~allowed] = -math.inf
+        removed = max(removed, int((~allowed).sum()))
+    # stable sort: among equal scores, the earlier head comes first and is removed first
+    ranked = torch.sort(order, stable=True).indices
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[ranked[:removed]] = False
+    return keep
 
 
 def _group_alive(group: ChannelGroup, current: Mapping[str, Tensor]) -> Tensor:

@@ -229,3 +229,21 @@ def test_shrink_removes_attention_heads_in_fit_and_on_resume(tmp_path: Path):
     again = fresh.bert.encoder.layer[0].attention.self
     assert again.num_attention_heads == 2 and again.all_head_size == 16
     assert again.query.weight.shape == (16, 32) and resumed.global_step == 4
+
+
+def test_head_sparsity_removes_heads_under_the_global_allocation():
+    """With the global allocation heads rarely lose to single MLP channels; `head_sparsity` removes
+    them anyway: 3 of BERT's 4 heads, while `sparsity` takes half of the MLP width."""
+    torch.manual_seed(0)
+    module = BertTagger()
+    callback = ProsprPruningCallback(
+        sparsity=0.5, method="snip", structured=True, head_sparsity=0.75, shrink=True, verbose=False
+    )
+    with pytest.warns(UserWarning, match="keeps .* whole"):
+        quiet_trainer([callback], max_steps=1).fit(module)
+    layer = module.bert.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 1 and layer.attention.self.all_head_size == 8
+    assert layer.intermediate.dense.weight.shape == (32, 32)
+    assert "head sparsity 0.75" in callback.description
+    with pytest.raises(ValueError, match="`head_sparsity` removes whole attention heads"):
+        ProsprPruningCallback(sparsity=0.5, head_sparsity=0.5)
