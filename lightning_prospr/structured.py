@@ -106,6 +106,8 @@ def select_channels(
             shapes={g.root: roots[g.root] for g in others},
         )
         for group in heads:
+            if torch.isnan(scores[group.root]).any():
+                raise ValueError(f"scores of {[group.root]} contain NaN; refusing to select masks from them.")
             selected[group.root] = _keep_heads(
                 scores[group.root], head_target, None if chosen is None else chosen[group.root]
             )

@@ -114,3 +114,12 @@ def test_head_sparsity_with_only_heads_to_prune_is_refused():
     settings = PruningSettings(0.5, structured=True, parameters=qkv, head_sparsity=0.5)
     with pytest.raises(ValueError, match="every channel group of the pruned weights is an attention"):
         compute_masks(model, ce_loss, [bert_batch()] * 4, settings)
+
+
+def test_nan_head_scores_are_refused():
+    def poison(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t * float("nan") if "query" in n else t for n, t in scores.items()}
+
+    settings = PruningSettings(0.5, method="magnitude", structured=True, head_sparsity=0.5)
+    with pytest.raises(ValueError, match="contain NaN"), pytest.warns(UserWarning, match="keeps 5"):
+        compute_masks(BertClassifier(heads=4), ce_loss, [bert_batch()], settings, score_hook=poison)
