@@ -278,6 +278,12 @@ def test_verdict_chooses_our_variant_on_validation_and_the_baseline_on_test() ->
         "| LeNet-5 | 99 % | prospr+shuffle | 99.00 ± 0.00 | prospr | 95.00 ± 0.00 | +4.00 | +4.00, +4.00 |"
         in ablations
     )
+    # A third seed of the original only: both means are over the seeds the ablation has.
+    ablations = module.render_ablations([*rows, row("prospr", 2, 50.0, 50.0)], module.CATALOG)
+    assert (
+        "| LeNet-5 | 99 % | prospr+shuffle | 99.00 ± 0.00 | prospr | 95.00 ± 0.00 | +4.00 | +4.00, +4.00 |"
+        in ablations
+    )
 
 
 @pytest.mark.parametrize(

@@ -413,8 +413,8 @@ def render_verdict(rows: Sequence[dict[str, str]], catalog: Catalog, from_sparsi
 
 def render_ablations(rows: Sequence[dict[str, str]], catalog: Catalog) -> str:
     """Each ablation (``x+shuffle``, ``x+reinit``) against the method it ablates, per cell: the mean
-    test accuracies and the difference, seed by seed (Frankle et al.: a method whose within-layer
-    choice matters loses accuracy when shuffled)."""
+    test accuracies over the seeds both have, their difference, and the difference seed by seed
+    (Frankle et al.: a method whose within-layer choice matters loses accuracy when shuffled)."""
     test = summarize(rows)
     by_seed: dict[tuple[str, str, float], dict[str, float]] = defaultdict(dict)
     for row in rows:
@@ -432,11 +432,11 @@ def render_ablations(rows: Sequence[dict[str, str]], catalog: Catalog) -> str:
         ):
             original = "+".join(t for t in ablation.split("+") if t not in ("shuffle", "reinit"))
             for s in sorted({k[2] for k in test if k[0] == model and k[1] == ablation}):
-                a, b = test.get((model, ablation, s)), test.get((model, original, s))
-                if not a or not b:
-                    continue
                 mine, theirs = by_seed[(model, ablation, s)], by_seed[(model, original, s)]
                 seeds = sorted(set(mine) & set(theirs), key=int)
+                if not seeds:
+                    continue
+                a, b = [mine[k] for k in seeds], [theirs[k] for k in seeds]
                 lines.append(
                     f"| {catalog.model_labels.get(model, model)} | {100 * s:g} % | {ablation} | {_cell(a)} | "
                     f"{original} | {_cell(b)} | {statistics.fmean(a) - statistics.fmean(b):+.2f} | "
