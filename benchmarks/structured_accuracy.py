@@ -4,7 +4,7 @@ Run from the repository root::
 
     python benchmarks/structured_accuracy.py     # MNIST, LeNet-5 and LeNet-300-100, 3 seeds
     python benchmarks/structured_accuracy.py --grid cifar10-short --structures channels \
-        --methods prospr snip magnitude random --sparsities 0.75   # CIFAR-10, ResNet-20
+        --methods prospr snip magnitude random --sparsities 0.75 0.9   # CIFAR-10, ResNet-20
     python benchmarks/structured_accuracy.py --quick --out-dir /tmp/q   # smoke test (seconds)
 
 Two kinds of mask (``--structures``), each a table of its own:
