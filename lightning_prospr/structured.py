@@ -15,9 +15,9 @@ channels, so that a removed channel is dead, and the masked network is the netwo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from lightning_prospr.channels import ChannelGroup
 from lightning_prospr.guard import GuardReport, guard_masks
 from lightning_prospr.methods import Run
 from lightning_prospr.prunable import parameter_key
-from lightning_prospr.selection import select_masks
+from lightning_prospr.selection import global_masks, select_masks
 
 __all__ = ["ChannelSelection", "select_channels"]
 
@@ -64,20 +64,21 @@ def select_channels(
     """Score the producers of `groups`, select channels per group in `run.settings.rounds_used`
     rounds, apply the per-group floor, and expand the group masks to every coupled tensor."""
     settings = run.settings
-    heads = [g for g in groups if g.attention] if settings.head_sparsity is not None else []
-    if settings.head_sparsity is not None and not heads:
+    apart = settings.head_sparsity is not None  # heads selected apart from the other groups
+    heads = [g for g in groups if apart and g.attention]
+    others = [g for g in groups if not (apart and g.attention)]
+    if apart and not heads:
         raise ValueError(
             "`head_sparsity` applies to attention heads, and none of the pruned weights is the "
             "query, key and value projections of an attention module whose heads were found "
             "(see the shrinking guide for the modules recognized); leave head_sparsity=None."
         )
-    if len(heads) == len(groups):
+    if not others:
         raise ValueError(
             "every channel group of the pruned weights is an attention module's heads, so "
             "`sparsity` has no channels to count; prune the heads with sparsity alone and leave "
             "head_sparsity=None."
         )
-    others = [g for g in groups if g not in heads]
     named = dict(run.model.named_parameters())
     shapes = {
         member.name: named[parameter_key(named, member.name)].shape
@@ -85,6 +86,10 @@ def select_channels(
         for member in (*group.producers, *group.dead_with)
     }
     roots = {group.root: shapes[group.root] for group in groups}
+
+    def of_others(values: Mapping[str, Tensor] | Mapping[str, torch.Size]) -> dict[str, Any]:
+        return {g.root: values[g.root] for g in others}
+
     current = {n: _channel_shaped(m.bool()) for n, m in within.items() if n in run.names} if within else None
     chosen: dict[str, Tensor] | None = None
     if current is not None:  # a channel already pruned in every producer stays pruned
@@ -97,19 +102,16 @@ def select_channels(
         if score_hook is not None:
             channel_scores = score_hook(channel_scores)
         scores = {g.root: g.scores(channel_scores) for g in groups}
-        other_scores = {g.root: scores[g.root] for g in others}
         selected = select_masks(
-            other_scores,
+            of_others(scores),
             target,
             allocation=settings.allocation,
-            within=None if chosen is None else {g.root: chosen[g.root] for g in others},
-            shapes={g.root: roots[g.root] for g in others},
+            within=None if chosen is None else of_others(chosen),
+            shapes=of_others(roots),
         )
         for group in heads:
-            if torch.isnan(scores[group.root]).any():
-                raise ValueError(f"scores of {[group.root]} contain NaN; refusing to select masks from them.")
             selected[group.root] = _keep_heads(
-                scores[group.root], head_target, None if chosen is None else chosen[group.root]
+                group.root, scores[group.root], head_target, None if chosen is None else chosen[group.root]
             )
         chosen = selected
         current = {
@@ -120,8 +122,8 @@ def select_channels(
     guard = GuardReport()
     if settings.guard != "off":  # the heads keep at least one each, and their count, apart from it
         guarded, guard = guard_masks(
-            {g.root: scores[g.root] for g in others},
-            {g.root: chosen[g.root] for g in others},
+            of_others(scores),
+            of_others(chosen),
             layer_floor=settings.layer_floor,
             per_layer=settings.allocation != "global",
         )
@@ -137,22 +139,18 @@ def select_channels(
     return ChannelSelection(masks, coupled, channel_masks, guard)
 
 
-def _keep_heads(scores: Tensor, sparsity: float, within: Tensor | None) -> Tensor:
+def _keep_heads(root: str, scores: Tensor, sparsity: float, within: Tensor | None) -> Tensor:
     """`(heads,)` keep-mask of one attention module: `min(h - 1, round(sparsity * h))` of its `h`
     heads removed, the worst-scored first (heads already removed in `within` count, and stay
-    removed); ties remove the earlier head."""
+    removed), by [`global_masks`][lightning_prospr.selection.global_masks] over the module alone
+    (its NaN check and tie-breaking: the earlier head is removed first)."""
     count = scores.numel()
     removed = min(count - 1, round(sparsity * count))
-    order = scores.double().clone()
     if within is not None:
-        allowed = within.reshape(-1).cpu().bool()
-        order[~allowed] = -math.inf
-        removed = max(removed, int((~allowed).sum()))
-    # stable sort: among equal scores, the earlier head comes first and is removed first
-    ranked = torch.sort(order, stable=True).indices
-    keep = torch.ones(count, dtype=torch.bool)
-    keep[ranked[:removed]] = False
-    return keep
+        removed = max(removed, int((~within.reshape(-1).bool()).sum()))
+    if removed == count:  # `within` removed every head already
+        return torch.zeros(count, dtype=torch.bool)
+    return global_masks({root: scores}, removed / count, None if within is None else {root: within})[root]
 
 
 def _group_alive(group: ChannelGroup, current: Mapping[str, Tensor]) -> Tensor:
