@@ -22,8 +22,16 @@ group's channels are its **heads**: each head's rows in the query, key and value
 scored, kept and removed together, and the parent's head count (and `all_head_size` or
 `attn_dim`) follows the removal. Two layouts are recognized: separate projections of
 heads x head size rows each (Hugging Face's BERT family), and one packed `qkv` projection of
-3 x heads x head size rows (timm's `Attention`). `nn.MultiheadAttention` (a bare `in_proj_weight`),
-GPT-2's `Conv1D` and grouped-query attention are not grouped by head; they stay whole.
+3 x heads x head size rows (timm's `Attention`, and GPT-2's `c_attn`, whose `split_size` follows
+too). `nn.MultiheadAttention` (a bare `in_proj_weight`) and grouped-query attention are not grouped
+by head; they stay whole.
+
+**Hugging Face's `Conv1D`** (GPT-2's Linear) holds its weight as `(in, out)`, so its output
+channels are its weight's *columns*: [`Coupled.dim`][lightning_prospr.channels.Coupled] says which
+dimension a tensor's channels run along, and torch-pruning is given a pruner for the layer (its
+columns and bias on the output side, its rows on the input side). Hugging Face models trace with
+their key/value cache off (`config.use_cache = False` for the one loss pass, then put back): the
+cache's concatenation along the sequence is an op torch-pruning's graph fails on.
 
 A removed channel's norm scale and shift and its biases are masked too
 ([`ChannelGroup.dead_with`][lightning_prospr.channels.ChannelGroup]): without that, a BatchNorm
@@ -36,7 +44,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_prospr.compat import module_tables
 from lightning_prospr.linearized import PREDICTION_LOSSES
+from lightning_prospr.prunable import is_hf_conv1d, output_dim
 from lightning_prospr.stateless import LossFn, StatelessLoss
 
 __all__ = ["ChannelGroup", "ChannelGroups", "Coupled", "channel_groups", "predictions"]
@@ -53,8 +63,8 @@ CHECK_TOLERANCE = 1e-4
 #: Attributes of an attention module that give its head size, and its head count.
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
-#: Attributes that hold the width heads x head size (Hugging Face's BERT, timm).
-INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim")
+#: Attributes that hold the width heads x head size (Hugging Face's BERT and GPT-2, timm).
+INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim", "split_size")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -71,19 +81,62 @@ def _tp() -> Any:
     return torch_pruning
 
 
+@cache
+def _conv1d_pruner() -> Any:
+    """Torch-pruning's pruner for Hugging Face's `Conv1D` (weight `(in, out)`, bias `(out,)`), one
+    instance, so that its bound methods are the handlers the graph was built with."""
+    base: Any = _tp().pruner.BasePruningFunc
+
+    def kept(size: int, idxs: Sequence[int]) -> list[int]:
+        removed = set(idxs)
+        return [i for i in range(size) if i not in removed]
+
+    def replaced(old: Tensor, new: Tensor) -> nn.Parameter:
+        return nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+
+    class Conv1DPruner(base):
+        TARGET_MODULES = None
+
+        def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+            keep = kept(layer.weight.shape[1], idxs)
+            layer.weight = replaced(layer.weight, layer.weight.data[:, keep])
+            if layer.bias is not None:
+                layer.bias = replaced(layer.bias, layer.bias.data[keep])
+            layer.nf = len(keep)
+            return cast(nn.Module, layer)
+
+        def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+            keep = kept(layer.weight.shape[0], idxs)
+            layer.weight = replaced(layer.weight, layer.weight.data[keep, :])
+            if isinstance(getattr(layer, "nx", None), int):
+                layer.nx = len(keep)
+            return cast(nn.Module, layer)
+
+        def get_out_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[1])
+
+        def get_in_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[0])
+
+    return Conv1DPruner()
+
+
 @dataclass(frozen=True)
 class Coupled:
     """The positions of one tensor that belong to a group's channels.
 
     Attributes:
         name: the parameter (`"layer1.0.conv2.weight"`, `"layer1.0.bn2.bias"`).
-        index: positions along the tensor's dim 0.
+        index: positions along the tensor's dimension `dim`.
         root: the group channel of each position (same length as `index`).
+        dim: the dimension the channels run along: 0, but 1 for the weight of Hugging Face's
+            `Conv1D`, which is `(in, out)`.
     """
 
     name: str
     index: Tensor
     root: Tensor
+    dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +146,8 @@ class ChannelGroup:
     Attributes:
         root: the weight torch-pruning prunes the group through (one of the producers).
         size: the number of channels.
-        producers: the pruned weights whose dim-0 rows are the group's channels (each a `Coupled`).
+        producers: the pruned weights whose rows (columns for a `Conv1D`) are the group's channels
+            (each a `Coupled`).
         dead_with: biases and norm scales and shifts of those channels, masked with them.
         rows: rows of the root weight per channel: 1, or, when the channels are the heads of an
             attention module, a head's rows (its size; 3 x its size in a packed `qkv` weight).
@@ -121,11 +175,12 @@ class ChannelGroup:
         keep = keep.reshape(-1).cpu().bool()
         out = {}
         for member in (*self.producers, *self.dead_with):
-            rows = torch.ones(shapes[member.name][0], dtype=torch.bool)
+            shape = shapes[member.name]
+            rows = torch.ones(shape[member.dim], dtype=torch.bool)
             rows[member.index] = keep[member.root]
-            out[member.name] = rows.reshape(-1, *([1] * (len(shapes[member.name]) - 1))).expand(
-                shapes[member.name]
-            )
+            view = [1] * len(shape)
+            view[member.dim] = -1
+            out[member.name] = rows.reshape(view).expand(shape)
         return out
 
 
@@ -170,20 +225,30 @@ class _Predictions(TorchFunctionMode):
 def predictions(
     model: nn.Module, loss_fn: LossFn, batch: Any, tensors: Mapping[str, Tensor] | None = None
 ) -> list[Tensor]:
-    """The predictions `loss_fn(model, batch)` hands to loss functions (or the loss itself when it
-    calls none), in eval mode, with `tensors` substituted for parameters and buffers when given."""
+    """The predictions `loss_fn(model, batch)` hands to loss functions (or, when it calls none, its
+    loss, or the tensors of its output), in eval mode, with `tensors` substituted for parameters
+    and buffers when given."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         recorder = _Predictions()
         with recorder:
             loss = loss_fn(model, batch) if tensors is None else _call_with(model, loss_fn, batch, tensors)
-        if isinstance(loss, Mapping):
-            loss = loss.get("loss")
-        return recorder.found or ([loss.detach()] if isinstance(loss, Tensor) else [])
+        return recorder.found or [t.detach() for t in _tensors(_as_output(loss))]
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    """The tensors in an output (a tensor, or nested mappings, lists and tuples of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
 
 
 def _call_with(model: nn.Module, loss_fn: LossFn, batch: Any, tensors: Mapping[str, Tensor]) -> Any:
@@ -222,27 +287,68 @@ def rollback(model: nn.Module) -> Iterator[Callable[[], None]]:
 
 
 def build_graph(model: nn.Module, loss_fn: LossFn, batch: Any) -> Any:
-    """Torch-pruning's `DependencyGraph`, traced through `loss_fn(model, batch)` in eval mode."""
+    """Torch-pruning's `DependencyGraph`, traced through `loss_fn(model, batch)` in eval mode (with
+    Hugging Face's key/value cache off, and a pruner for its `Conv1D`).
+
+    Raises:
+        ValueError: when torch-pruning fails to trace the loss pass (its error is chained).
+    """
     tp = _tp()
     flags = [(m, m.training) for m in model.modules()]
+    pruners = {type(m): _conv1d_pruner() for m in model.modules() if is_hf_conv1d(m)}
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _without_kv_cache(model):
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=batch, forward_fn=lambda m, b: _as_output(loss_fn(m, b)), verbose=False
+                model,
+                example_inputs=batch,
+                forward_fn=lambda m, b: _as_output(loss_fn(m, b)),
+                customized_pruners=pruners or None,
+                verbose=False,
             )
+    except Exception as err:
+        raise ValueError(
+            f"torch-pruning could not trace which channels are coupled ({type(err).__name__}: {err}); "
+            "structured pruning and shrink need its graph of one loss pass. If the loss turns on a "
+            "cache (`use_cache=True`) or concatenates feature maps along a computed dimension, "
+            "leave that out of the pass, or prune unstructured (structured=False)."
+        ) from err
     finally:
         for module, flag in flags:
             module.training = flag
 
 
+@contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face configs (a submodule's `config` with `use_cache`) set to `use_cache=False`, then
+    put back."""
+    found = (getattr(m, "config", None) for m in model.modules())
+    configs: dict[int, Any] = {id(c): c for c in found if getattr(c, "use_cache", None) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
 def _as_output(loss: Any) -> Any:
-    return loss.get("loss") if isinstance(loss, Mapping) else loss
+    """The loss of a `{"loss": ...}` mapping; any other output (a Hugging Face `ModelOutput` of a
+    forward without labels) is traced whole."""
+    return loss["loss"] if isinstance(loss, Mapping) and loss.get("loss") is not None else loss
 
 
 def out_channel_handler(module: nn.Module) -> Any:
     tp = _tp()
+    if is_hf_conv1d(module):
+        return _conv1d_pruner().prune_out_channels
     return tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+
+
+def _by_output(module: nn.Module) -> bool:
+    """Whether the layer's weight is pruned by output channel here (Linear, ConvNd, `Conv1D`)."""
+    return isinstance(module, (*_CONVS, nn.Linear)) or is_hf_conv1d(module)
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -255,9 +361,9 @@ def _group_of(
     """The group rooted at weight `name`, or `(None, why not)`; a coupled weight outside `names`
     excludes the group (`names=None`: any coupled weight joins it)."""
     module = model.get_submodule(name.rpartition(".")[0])
-    if not isinstance(module, (*_CONVS, nn.Linear)) or name.rpartition(".")[2] != "weight":
+    if not _by_output(module) or name.rpartition(".")[2] != "weight":
         return None, f"{type(module).__name__} weights are not pruned by output channel here"
-    size = module.weight.shape[0]
+    size = int(cast(Tensor, module.weight).shape[output_dim(model, name)])
     if module not in graph.module2node:
         return (
             None,
@@ -280,11 +386,11 @@ def _group_of(
         index = torch.tensor(item.idxs, dtype=torch.long)
         root = torch.tensor(item.root_idxs, dtype=torch.long)
         prefix = f"{owner}." if owner else ""
-        if isinstance(target, (*_CONVS, nn.Linear)):
+        if _by_output(target):
             weight = f"{prefix}weight"
             if names is not None and weight not in names:
                 return None, f"its channels are coupled with {weight}, which is not pruned"
-            producers[weight] = Coupled(weight, index, root)
+            producers[weight] = Coupled(weight, index, root, 1 if is_hf_conv1d(target) else 0)
             if getattr(target, "bias", None) is not None:
                 dead[f"{prefix}bias"] = Coupled(f"{prefix}bias", index, root)
         elif isinstance(target, _NORMS):
@@ -314,7 +420,7 @@ def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int]
     if size is None or count is None or size < 2:
         return None
     named = dict(model.named_parameters())
-    rows = {named[member.name].shape[0] for member in group.producers}
+    rows = {named[member.name].shape[member.dim] for member in group.producers}
     separate = len(group.producers) >= 2 and rows == {count * size} == {group.size}
     packed = len(group.producers) == 1 and rows == {3 * count * size} == {group.size}
     if not (separate or packed):
@@ -336,7 +442,7 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
 
     def per_head(member: Coupled) -> Coupled:  # row r of the root weight: head (r mod inner) // size
         head = torch.div(member.root % (count * size), size, rounding_mode="floor")
-        return Coupled(member.name, member.index, head)
+        return Coupled(member.name, member.index, head, member.dim)
 
     return ChannelGroup(
         group.root,

@@ -17,7 +17,8 @@ METHODS["mine"] = Method(
 ```
 
 A scorer returns `{name: score}` for `run.names`, higher = more important, one score per output
-channel (shape `(out, 1, ..., 1)`) when `run.settings.structured`.
+channel (shape `(out, 1, ..., 1)`; `(1, out)` for Hugging Face's `Conv1D`) when
+`run.settings.structured`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lightning_prospr.baselines import (
     synflow_scores,
 )
 from lightning_prospr.batches import BatchStream
+from lightning_prospr.prunable import output_dim
 from lightning_prospr.scores import channel_sums, prospr_scores, snip_scores
 from lightning_prospr.settings import PruningSettings
 from lightning_prospr.stateless import LossFn
@@ -181,8 +183,10 @@ def _synflow_rounds(run: Run) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     return masks, synflow_scores(run.model, parameters=run.names, example_input=example)
 
 
-def _per_channel(scores: dict[str, Tensor], structured: bool) -> dict[str, Tensor]:
-    return {n: channel_sums(t) for n, t in scores.items()} if structured else scores
+def _per_channel(model: nn.Module, scores: dict[str, Tensor], structured: bool) -> dict[str, Tensor]:
+    if not structured:
+        return scores
+    return {n: channel_sums(t, output_dim(model, n)) for n, t in scores.items()}
 
 
 def _ones(settings: PruningSettings) -> int:
@@ -235,7 +239,7 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(
         "magnitude",
         score=lambda run, within: _per_channel(
-            magnitude_scores(run.model, parameters=run.names), run.settings.structured
+            run.model, magnitude_scores(run.model, parameters=run.names), run.settings.structured
         ),
         describe=lambda s: "magnitude",
         data=False,
@@ -244,7 +248,9 @@ METHODS: dict[str, Method] = {
     "random": Method(
         "random",
         score=lambda run, within: _per_channel(
-            random_scores(run.model, parameters=run.names, seed=run.settings.seed), run.settings.structured
+            run.model,
+            random_scores(run.model, parameters=run.names, seed=run.settings.seed),
+            run.settings.structured,
         ),
         describe=lambda s: f"random (seed {s.seed})",
         options=frozenset({"seed"}),

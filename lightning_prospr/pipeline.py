@@ -21,7 +21,7 @@ from lightning_prospr.guard import GuardReport, guard_masks
 from lightning_prospr.masking import current_masks
 from lightning_prospr.methods import Run
 from lightning_prospr.model_state import preserved_state
-from lightning_prospr.prunable import parameter_key, resolve_parameters
+from lightning_prospr.prunable import output_dim, parameter_key, resolve_parameters
 from lightning_prospr.selection import select_masks
 from lightning_prospr.semi_structured import input_dimension, nm_masks, parse_pattern
 from lightning_prospr.settings import PruningSettings
@@ -323,7 +323,7 @@ def layer_macs(model: nn.Module, loss_fn: LossFn, batch: Any, names: Sequence[st
     for name in names:
         module = model.get_submodule(name.rpartition(".")[0])
         weight = named[parameter_key(named, name)]
-        fan_in = weight.numel() // max(1, weight.shape[0])
+        fan_in = weight.numel() // max(1, weight.shape[output_dim(model, name)])
 
         def count(mod: nn.Module, inputs: Any, output: Any, name: str = name, fan_in: int = fan_in) -> None:
             if isinstance(output, Tensor) and output.dim() >= 1 and output.shape[0]:

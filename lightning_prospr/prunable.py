@@ -43,7 +43,14 @@ from lightning_prospr.errors import check_loss, loss_context
 from lightning_prospr.model_state import preserved_state
 from lightning_prospr.stateless import LossFn, StatelessLoss
 
-__all__ = ["default_parameter_names", "parameter_key", "prunable_parameters", "resolve_parameters"]
+__all__ = [
+    "default_parameter_names",
+    "is_hf_conv1d",
+    "output_dim",
+    "parameter_key",
+    "prunable_parameters",
+    "resolve_parameters",
+]
 
 _aten = torch.ops.aten
 
@@ -249,7 +256,7 @@ def _module_weights(module: nn.Module) -> list[str]:
     """The attribute names of `module`'s own weight matrices, by its type."""
     if isinstance(module, _WEIGHT_MODULES):
         return ["weight"]
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_hf_conv1d(module):
         return ["weight"]  # Hugging Face's transposed Linear (GPT-2)
     if isinstance(module, nn.MultiheadAttention):
         return ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
@@ -330,6 +337,18 @@ def resolve_parameters(
             f"Known names include {list(named)[:8]}."
         )
     return names
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is Hugging Face's `Conv1D` (GPT-2's Linear, with its weight `(in, out)`)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def output_dim(model: nn.Module, name: str) -> int:
+    """The dimension of weight `name` that runs over the layer's output channels: 1 for Hugging
+    Face's `Conv1D` (`(in, out)`), 0 for every other layer (Linear, ConvNd, attention, RNN)."""
+    module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return 1 if is_hf_conv1d(module) else 0
 
 
 def parameter_key(named: Mapping[str, Tensor], name: str) -> str:

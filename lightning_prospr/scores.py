@@ -34,23 +34,24 @@ from lightning_prospr.errors import (
     raise_if_not_twice_differentiable,
 )
 from lightning_prospr.model_state import preserved_state
-from lightning_prospr.prunable import parameter_key, resolve_parameters
+from lightning_prospr.prunable import output_dim, parameter_key, resolve_parameters
 from lightning_prospr.stateless import LossFn, StatelessLoss
 from lightning_prospr.unroll import evaluate_loss, sgd_adjoint, sgd_unroll
 
 __all__ = ["channel_sums", "prospr_scores", "snip_scores"]
 
 
-def channel_sums(scores: Tensor) -> Tensor:
-    """One score per output channel (dim 0): the sum of the channel's scores, shape `(out, 1, ..., 1)`."""
-    return scores.sum(dim=tuple(range(1, scores.dim())), keepdim=True)
+def channel_sums(scores: Tensor, dim: int = 0) -> Tensor:
+    """One score per output channel (along `dim`, 0 but for Hugging Face's `Conv1D`): the sum of the
+    channel's scores, with size 1 along every other dimension (`(out, 1, ..., 1)` for `dim=0`)."""
+    return scores.sum(dim=tuple(d for d in range(scores.dim()) if d != dim), keepdim=True)
 
 
-def _mask_shape(weight: Tensor, structured: bool) -> tuple[int, ...]:
-    """One mask entry per weight, or per output channel (dim 0) when `structured`."""
-    if not structured:
+def _mask_shape(weight: Tensor, dim: int | None) -> tuple[int, ...]:
+    """One mask entry per weight (`dim=None`), or per output channel along `dim`."""
+    if dim is None:
         return tuple(weight.shape)
-    return (weight.shape[0], *([1] * (weight.dim() - 1)))
+    return tuple(n if d == dim else 1 for d, n in enumerate(weight.shape))
 
 
 def prospr_scores(
@@ -90,8 +91,9 @@ def prospr_scores(
         parameters: names from `model.named_parameters()` of the weights to score; `None` scores
             every weight matrix that multiplies activations in a watched pass of `loss_fn` on the
             first batch ([`prunable_parameters`][lightning_prospr.prunable.prunable_parameters]).
-        structured: one mask per output channel (dim 0) instead of one per weight; the scores then
-            have shape `(out_channels, 1, ..., 1)`.
+        structured: one mask per output channel instead of one per weight; the scores then
+            have shape `(out_channels, 1, ..., 1)` (`(1, out_channels)` for Hugging Face's
+            `Conv1D`, whose weight is `(in, out)`).
         within: fixed keep-masks (bool, the weight's shape or broadcastable to it) that the network
             carries during the whole unroll, e.g. from an earlier round of iterative pruning.
 
@@ -175,10 +177,11 @@ def _scores(
     named = dict(model.named_parameters())
     keys = {n: parameter_key(named, n) for n in names}
     device = named[keys[names[0]]].device
+    dims = {n: output_dim(model, n) for n in names} if structured else None
 
     def compute() -> dict[str, Tensor]:
         with preserved_state(model, device), torch.enable_grad():
-            return _meta_gradients(model, loss_fn, drawn, named, keys, steps, sgd, mode, structured, within)
+            return _meta_gradients(model, loss_fn, drawn, named, keys, steps, sgd, mode, dims, within)
 
     return _magnitudes(_with_memory_advice(compute, len(names), steps, mode, device), snip=steps == 0)
 
@@ -251,18 +254,19 @@ def _meta_gradients(
     steps: int,
     sgd: tuple[float, float, float],
     mode: str,
-    structured: bool,
+    dims: Mapping[str, int] | None,
     within: Mapping[str, Tensor] | None,
 ) -> dict[str, Tensor]:
-    """d L_M / d c for each scored weight (signed, not yet reduced)."""
+    """d L_M / d c for each scored weight (signed, not yet reduced); one per output channel along
+    `dims[name]` when `dims` is given (structured)."""
     model.train()
     trainable = [n for n, p in named.items() if p.requires_grad]
     multipliers = {keys[n]: m.to(named[keys[n]].dtype) for n, m in (within or {}).items() if n in keys}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     loss = StatelessLoss(model, loss_fn, buffers, multipliers, second_order=mode != "first_order")
     if mode == "recompute":
-        return _recomputed(loss, named, keys, trainable, drawn, sgd, structured)
-    return _unrolled(loss, named, keys, trainable, drawn, steps, sgd, mode == "first_order", structured)
+        return _recomputed(loss, named, keys, trainable, drawn, sgd, dims)
+    return _unrolled(loss, named, keys, trainable, drawn, steps, sgd, mode == "first_order", dims)
 
 
 def _recomputed(
@@ -272,7 +276,7 @@ def _recomputed(
     trainable: list[str],
     drawn: list[Any],
     sgd: tuple[float, float, float],
-    structured: bool,
+    dims: Mapping[str, int] | None,
 ) -> dict[str, Tensor]:
     """w_0 = c * theta_0, so dL/dc = theta_0 * dL/dw_0 (summed over each channel when structured)."""
     lr, momentum, weight_decay = sgd
@@ -283,7 +287,7 @@ def _recomputed(
     out = {}
     for name, key in keys.items():
         product = named[key].detach() * adjoint[key]
-        out[name] = channel_sums(product) if structured else product
+        out[name] = product if dims is None else channel_sums(product, dims[name])
     return out
 
 
@@ -296,7 +300,7 @@ def _unrolled(
     steps: int,
     sgd: tuple[float, float, float],
     first_order: bool,
-    structured: bool,
+    dims: Mapping[str, int] | None,
 ) -> dict[str, Tensor]:
     """The unroll on the tape (full mode), or with constant gradients (first order)."""
     lr, momentum, weight_decay = sgd
@@ -306,7 +310,7 @@ def _unrolled(
     masks = {}
     if not first_order:
         for name, key in keys.items():
-            shape = _mask_shape(named[key], structured)
+            shape = _mask_shape(named[key], None if dims is None else dims[name])
             masks[name] = torch.ones(
                 shape, dtype=named[key].dtype, device=named[key].device, requires_grad=True
             )
@@ -324,7 +328,8 @@ def _unrolled(
         theta = named[key].detach()
         if first_order:
             grad = theta * (torch.zeros_like(theta) if grad is None else grad)
-            out[name] = channel_sums(grad) if structured else grad
+            out[name] = grad if dims is None else channel_sums(grad, dims[name])
         else:
-            out[name] = theta.new_zeros(_mask_shape(theta, structured)) if grad is None else grad
+            shape = _mask_shape(theta, None if dims is None else dims[name])
+            out[name] = theta.new_zeros(shape) if grad is None else grad
     return out

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lightning_prospr.prunable import is_hf_conv1d
+
 __all__ = ["input_dimension", "nm_masks", "parse_pattern", "to_semi_structured"]
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -56,7 +58,7 @@ def input_dimension(model: nn.Module, name: str) -> int:
     module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return 0
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if is_hf_conv1d(module):
         return 0
     return 1
 

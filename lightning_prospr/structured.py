@@ -48,10 +48,10 @@ class ChannelSelection:
     guard: GuardReport = field(default_factory=GuardReport)
 
 
-def _channel_shaped(mask: Tensor) -> Tensor:
-    """A weight-shaped mask as one entry per output channel, `(out, 1, ..., 1)`."""
-    rows = mask.reshape(mask.shape[0], -1).any(dim=1)
-    return rows.reshape(-1, *([1] * (mask.dim() - 1)))
+def _channel_shaped(mask: Tensor, dim: int) -> Tensor:
+    """A weight-shaped mask as one entry per output channel (along `dim`): `(out, 1, ..., 1)` for
+    `dim=0`; an output channel is kept while any of its weights is."""
+    return mask.amax(dim=tuple(d for d in range(mask.dim()) if d != dim), keepdim=True)
 
 
 def select_channels(
@@ -90,7 +90,12 @@ def select_channels(
     def of_others(values: Mapping[str, Tensor] | Mapping[str, torch.Size]) -> dict[str, Any]:
         return {g.root: values[g.root] for g in others}
 
-    current = {n: _channel_shaped(m.bool()) for n, m in within.items() if n in run.names} if within else None
+    dims = {member.name: member.dim for group in groups for member in group.producers}
+    current = (
+        {n: _channel_shaped(m.bool(), dims.get(n, 0)) for n, m in within.items() if n in run.names}
+        if within
+        else None
+    )
     chosen: dict[str, Tensor] | None = None
     if current is not None:  # a channel already pruned in every producer stays pruned
         chosen = {g.root: _group_alive(g, current) for g in groups}
@@ -135,7 +140,7 @@ def select_channels(
     device = {n: named[parameter_key(named, n)].device for n in shapes}
     masks = {n: expanded[n].clone().to(device[n]) for n in run.names if n in producers}
     coupled = {n: m.clone().to(device[n]) for n, m in expanded.items() if n not in producers}
-    channel_masks = {n: m.reshape(m.shape[0], -1)[:, 0].clone() for n, m in masks.items()}
+    channel_masks = {n: _channel_shaped(m, dims[n]).reshape(-1).clone() for n, m in masks.items()}
     return ChannelSelection(masks, coupled, channel_masks, guard)
 
 
@@ -168,10 +173,12 @@ def _group_alive(group: ChannelGroup, current: Mapping[str, Tensor]) -> Tensor:
 def _producer_masks(
     groups: list[ChannelGroup], chosen: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]
 ) -> dict[str, Tensor]:
-    """The group masks as per-channel masks `(out, 1, ..., 1)` of every producer (for the next round)."""
+    """The group masks as per-channel masks `(out, 1, ..., 1)` of every producer (`(1, out)` for a
+    `Conv1D`), for the next round."""
     out: dict[str, Tensor] = {}
     for group in groups:
+        dims = {member.name: member.dim for member in group.producers}
         for name, mask in group.expand(chosen[group.root], shapes).items():
-            if any(m.name == name for m in group.producers):
-                out[name] = _channel_shaped(mask)
+            if name in dims:
+                out[name] = _channel_shaped(mask, dims[name])
     return out

@@ -1,0 +1,187 @@
+"""Structured pruning and shrink of Hugging Face's GPT-2, whose `Conv1D` holds its weight as
+`(in, out)`: the output channels are columns, the MLP width and the attention heads (of the packed
+`c_attn`) are removed whole, and the shrunk model computes what the masked one computes."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from shared import quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prospr import ProsprPruningCallback, PruningSettings, compute_masks, shrink
+from lightning_prospr.masking import apply_masks
+
+transformers = pytest.importorskip("transformers")
+
+BLOCK = "transformer.h.0"
+
+
+def gpt2(dropout: float = 0.0) -> nn.Module:
+    """A 2-layer GPT-2 of width 32 (4 heads of 8, MLP width 128), random init."""
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0, attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tokens(n: int = 3, length: int = 8) -> torch.Tensor:
+    return torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, labels=ids).loss
+
+
+def logits(model: nn.Module, ids: torch.Tensor, train: bool) -> torch.Tensor:
+    model.train(train)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def quiet(model: nn.Module, settings: PruningSettings, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the residual stream stays whole (embeddings)
+        return compute_masks(model, lm_loss, [ids], settings)
+
+
+def test_gpt2_mlp_width_and_heads_are_columns_removed_whole_and_shrink_exactly():
+    model, ids = gpt2(), tokens()
+    settings = PruningSettings(0.5, method="snip", structured=True, head_sparsity=0.5)
+    result = quiet(model, settings, ids)
+    assert model.config.use_cache is True  # traced without the cache, then put back
+    assert result.groups is not None
+    mlp = result.groups.group_of(f"{BLOCK}.mlp.c_fc.weight")
+    assert mlp is not None and mlp.size == 128 and [p.dim for p in mlp.producers] == [1]
+    heads = result.groups.group_of(f"{BLOCK}.attn.c_attn.weight")
+    assert heads is not None and (heads.size, heads.rows, heads.attention) == (4, 24, f"{BLOCK}.attn")
+    # masks: whole columns of the (in, out) weights, with the bias of each removed column
+    for name in (f"{BLOCK}.mlp.c_fc.weight", f"{BLOCK}.attn.c_attn.weight"):
+        keep = result.channel_masks[name]
+        assert result.masks[name].shape == dict(model.named_parameters())[name].shape
+        assert torch.equal(result.masks[name], keep.reshape(1, -1).expand_as(result.masks[name]))
+        assert torch.equal(result.coupled[name.replace(".weight", ".bias")], keep)
+    qkv = result.channel_masks[f"{BLOCK}.attn.c_attn.weight"].reshape(3, 4, 8)  # (q/k/v, head, column)
+    assert bool((qkv == qkv[:1, :, :1]).all()) and int(qkv[0, :, 0].sum()) == 2  # 2 of 4 heads, whole
+    kept_width = int(result.channel_masks[f"{BLOCK}.mlp.c_fc.weight"].sum())
+    assert 0 < kept_width < 128
+
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, tokens(), loss_fn=lm_loss)
+    block = small.transformer.h[0]
+    assert block.mlp.c_fc.weight.shape == (32, kept_width) and block.mlp.c_fc.nf == kept_width
+    assert block.mlp.c_proj.weight.shape == (kept_width, 32)
+    assert (block.attn.num_heads, block.attn.split_size) == (2, 16)
+    assert block.attn.c_attn.weight.shape == (32, 48) and block.attn.c_proj.weight.shape == (16, 32)
+    assert small.config.use_cache is True
+    for train in (False, True):
+        a, b = logits(masked, ids, train), logits(small, ids, train)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
+    for net in (masked, small):  # one SGD step on each: still the same network
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        lm_loss(net.train(), ids).backward()
+        optimizer.step()
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
+def test_gpt2_channel_scores_sum_each_column():
+    """Structured magnitude on the MLP: a channel's score is the sum of |w| down its column of the
+    `(in, out)` weight, summed here by hand; half the columns of each layer are kept."""
+    model, ids = gpt2(), tokens()
+    names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in (0, 1)]
+    settings = PruningSettings(
+        0.5, method="magnitude", structured=True, allocation="uniform", parameters=names
+    )
+    result = quiet(model, settings, ids)
+    for name in names:
+        weight = dict(model.named_parameters())[name].detach()
+        expected = torch.zeros(128, dtype=torch.bool)
+        expected[weight.abs().sum(dim=0).topk(64).indices] = True
+        assert torch.equal(result.channel_masks[name], expected), name
+    assert result.macs[names[0]] == 8 * 32 * 128  # per sequence: 8 positions x 32 inputs x 128 outputs
+
+
+def test_gpt2_masked_network_matches_a_copy_with_the_columns_deleted():
+    """Independent of torch-pruning: deleting the removed columns of `c_fc` and rows of `c_proj` by
+    hand (with plain tensor indexing) gives the masked network's logits."""
+    model, ids = gpt2(), tokens()
+    name = f"{BLOCK}.mlp.c_fc.weight"
+    settings = PruningSettings(0.75, method="snip", structured=True, allocation="uniform", parameters=[name])
+    result = quiet(model, settings, ids)
+    keep = result.channel_masks[name]
+    assert int(keep.sum()) == 32
+    masked, by_hand = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    mlp = by_hand.transformer.h[0].mlp
+    with torch.no_grad():
+        mlp.c_fc.weight = nn.Parameter(mlp.c_fc.weight[:, keep].clone())
+        mlp.c_fc.bias = nn.Parameter(mlp.c_fc.bias[keep].clone())
+        mlp.c_fc.nf = int(keep.sum())
+        mlp.c_proj.weight = nn.Parameter(mlp.c_proj.weight[keep, :].clone())
+    a, b = logits(masked, ids, False), logits(by_hand, ids, False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_a_loss_that_turns_the_cache_on_gets_a_clear_error_and_an_unchanged_model():
+    model, ids = gpt2(), tokens()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def cached(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return m(batch, labels=batch, use_cache=True).loss
+
+    with pytest.raises(ValueError, match=r"torch-pruning could not trace which channels are coupled"):
+        compute_masks(model, cached, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert model.config.use_cache is True
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class GPT2Module(pl.LightningModule):
+    """A LightningModule around GPT-2 with only `training_step` (no `forward` of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = gpt2()
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self.lm(batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(tokens(12)), batch_size=4)
+
+
+def test_the_callback_shrinks_gpt2_with_prospr_before_training(tmp_path: Path):
+    """ProsPr's meta-gradients (M = 3) with one mask per `Conv1D` column, then a smaller GPT-2
+    trained by `fit`, with its optimizer made again for the new parameters."""
+    module = GPT2Module()
+    dense = sum(p.numel() for p in module.parameters())
+    callback = ProsprPruningCallback(
+        sparsity=0.5, structured=True, shrink=True, head_sparsity=0.5, allocation="uniform", verbose=False
+    )
+    trainer = quiet_trainer([callback], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(module)
+    for block in module.lm.transformer.h:
+        assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_proj.weight.shape == (64, 32)
+        assert (block.attn.num_heads, block.attn.split_size) == (2, 16)
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters()}
+    assert trainer.global_step == 2
+    assert callback.report is not None and callback.report.shrunk == (
+        dense,
+        sum(p.numel() for p in module.parameters()),
+    )
