@@ -7,10 +7,15 @@ Run from the repository root::
     python benchmarks/shrink.py --memory-format channels_last \
         --out-dir benchmarks/results/shrink-channels-last  # the same in channels-last layout
     python benchmarks/shrink.py --models resnet20 --sparsities 0.75 --round-to 8 --out-dir /tmp/round8
+    python benchmarks/shrink.py --models gpt2 --batch 16 --out-dir benchmarks/results/shrink-gpt2
 
 For each model (CIFAR-shaped random images, 10 classes, cross-entropy) and structured sparsity,
 structured ProsPr masks (default settings, one scoring batch of 32) give three networks from the
-same initialization:
+same initialization. `gpt2` is Hugging Face's GPT-2 from a config (4 layers of width 256, 8 heads,
+MLP width 1024, vocabulary 2048, random init) on random token sequences of 64, with its language
+modelling loss; its masks take `head_sparsity` equal to the sparsity (its heads, apart from the MLP
+widths), and its residual stream, tied to the embeddings, stays whole. `--batch` counts sequences
+for it. The three networks:
 
 * **dense**: the network as built;
 * **masked**: the dense network under the structured masks (`apply_masks`, the
@@ -27,7 +32,7 @@ and the images in channels-last layout (oneDNN's preferred layout for convolutio
 same for all three networks. `--round-to k` rounds every shrunk width up to a multiple of k (the
 extra channels are the lowest-numbered removed ones: a timing experiment, not a pruning rule), to
 see whether kernels favour such widths. Parameters are counted; MACs are those of one
-forward pass of one image (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2). The masked
+forward pass of one image or sequence (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2). The masked
 network runs the dense kernels, so its MACs are the dense ones.
 
 The goals (issue "Prune at initialization, train faster"): at 75 % the shrunk train step is at most
@@ -43,7 +48,9 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +63,52 @@ from lightning_prospr.models import VGG16BN, ResNet20
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.timing import timed
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "vgg16bn": VGG16BN}
+SEQUENCE = 64  #: tokens per GPT-2 sequence
+VOCABULARY = 2048
+
+
+def gpt2() -> nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=4, n_embd=256, n_head=8, n_inner=1024, vocab_size=VOCABULARY, n_positions=SEQUENCE,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def sequences(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCABULARY, (n, SEQUENCE), generator=gen)
+    return ids, ids
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return model(batch[0], labels=batch[1]).loss
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmarked model: how to build it, its batches, its loss, whether heads are pruned apart."""
+
+    build: Callable[[], nn.Module]
+    batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    heads: bool = False
+
+
+MODELS: dict[str, Case] = {
+    "resnet20": Case(ResNet20, images, loss_fn),
+    "vgg16bn": Case(VGG16BN, images, loss_fn),
+    "gpt2": Case(gpt2, sequences, lm_loss, heads=True),
+}
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 COLUMNS = [
     "model", "sparsity", "variant", "parameters", "macs", "train_s", "infer_s",
@@ -64,25 +116,23 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def macs(model: nn.Module) -> int:
-    """Multiply-accumulates of one forward pass of one 32x32 image."""
+def macs(model: nn.Module, case: Case) -> int:
+    """Multiply-accumulates of one forward pass of one image (or sequence)."""
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
+        model(case.batch(1, torch.Generator().manual_seed(0))[0])
     model.train(was_training)
     return counter.get_total_flops() // 2
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple) -> Callable[[], None]:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, case: Case
+) -> Callable[[], None]:
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
+        case.loss(model, batch).backward()
         optimizer.step()
 
     return step
@@ -112,19 +162,21 @@ def round_widths(channel_masks: dict[str, torch.Tensor], multiple: int) -> dict[
 
 def networks(name: str, sparsity: float, seed: int, round_to: int = 1) -> dict[str, nn.Module]:
     """Dense, masked and shrunk networks of one initialization."""
+    case = MODELS[name]
     torch.manual_seed(seed)
-    dense = MODELS[name]()
+    dense = case.build()
     state = {k: v.clone() for k, v in dense.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    scoring = [(torch.randn(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))]
-    result = compute_masks(dense, loss_fn, scoring, PruningSettings(sparsity=sparsity, structured=True))
-    masked = MODELS[name]()
+    scoring = [case.batch(32, torch.Generator().manual_seed(seed))]
+    heads = sparsity if case.heads else None
+    settings = PruningSettings(sparsity=sparsity, structured=True, head_sparsity=heads)
+    result = compute_masks(dense, case.loss, scoring, settings)
+    masked = case.build()
     masked.load_state_dict(state)
     apply_masks(masked, {**result.masks, **result.coupled})
-    small = MODELS[name]()
+    small = case.build()
     small.load_state_dict(state)
     channel_masks = round_widths(result.channel_masks, round_to) if round_to > 1 else result.channel_masks
-    shrink(small, channel_masks, loss_fn=loss_fn, example_input=scoring[0])
+    shrink(small, channel_masks, loss_fn=case.loss, example_input=scoring[0])
     dense.load_state_dict(state)
     return {"dense": dense, "masked": masked, "shrunk": small}
 
@@ -137,18 +189,21 @@ def measure(
     seed: int,
     memory_format: str = "contiguous",
     round_to: int = 1,
+    nets: dict[str, nn.Module] | None = None,
 ) -> list[dict[str, object]]:
-    nets = networks(name, sparsity, seed, round_to)
+    """Time the dense, masked and shrunk networks of `networks(name, sparsity, seed, round_to)`
+    (or the given `nets`), and count their parameters and MACs: one row each."""
+    case = MODELS[name]
+    nets = nets or networks(name, sparsity, seed, round_to)
     layout = MEMORY_FORMATS[memory_format]
     for net in nets.values():
         net.to(memory_format=layout)
-    gen = torch.Generator().manual_seed(seed + 1)
-    images = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=layout)
-    data = (images, torch.randint(0, 10, (batch,), generator=gen))
+    inputs, targets = case.batch(batch, torch.Generator().manual_seed(seed + 1))
+    data = (inputs.contiguous(memory_format=layout) if inputs.dim() == 4 else inputs, targets)
     calls = {}
     for variant, net in nets.items():
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        calls[variant] = (train_step(net, optimizer, data), inference(net, data[0]))
+        calls[variant] = (train_step(net, optimizer, data, case), inference(net, data[0]))
     times: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in nets}
     for repeat in range(repeats + 1):
         for variant, (step, infer) in calls.items():
@@ -157,10 +212,10 @@ def measure(
                 times[variant][0].append(train_cpu)
                 times[variant][1].append(infer_cpu)
     rows = []
-    dense_macs = macs(nets["dense"])
+    dense_macs = macs(nets["dense"], case)
     medians = {v: (statistics.median(t), statistics.median(i)) for v, (t, i) in times.items()}
     for variant, net in nets.items():
-        net_macs = dense_macs if variant == "masked" else macs(net)
+        net_macs = dense_macs if variant == "masked" else macs(net, case)
         train_s, infer_s = medians[variant]
         train_vs, infer_vs = train_s / medians["dense"][0], infer_s / medians["dense"][1]
         reduction = dense_macs / net_macs
@@ -186,7 +241,7 @@ def render(rows: list[dict[str, object]], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | sparsity | network | parameters | MACs / image | train step s | vs dense | inference s "
+        "| model | sparsity | network | parameters | MACs / sample | train step s | vs dense | inference s "
         "| vs dense | MAC reduction | train speedup / MAC reduction |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
