@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_prospr.model_state import preserved_state
-from lightning_prospr.prunable import parameter_key
+from lightning_prospr.prunable import is_hf_conv1d, parameter_key
 from lightning_prospr.stateless import LossFn, StatelessLoss
 
 __all__ = ["Paths", "path_gradients"]
@@ -365,7 +365,7 @@ def _input_features(module: nn.Module, inputs: tuple[Any, ...], weight: Tensor) 
         return alive.reshape(1, -1, *([1] * (weight.dim() - 2)))
     if isinstance(module, nn.Linear):
         return (x.abs().reshape(-1, x.shape[-1]).sum(0) > 0).reshape(1, -1)
-    if type(module).__name__ == "Conv1D" and weight.dim() == 2:  # transformers': weight (in, out)
+    if is_hf_conv1d(module) and weight.dim() == 2:  # transformers': weight (in, out)
         return (x.abs().reshape(-1, x.shape[-1]).sum(0) > 0).reshape(-1, 1)
     return None
 
