@@ -163,15 +163,20 @@ class GPT2Module(pl.LightningModule):
         return DataLoader(TensorDataset(tokens(12)), batch_size=4)
 
 
-def test_the_callback_shrinks_gpt2_with_prospr_before_training(tmp_path: Path):
+def test_the_callback_shrinks_gpt2_with_prospr_and_resumes(tmp_path: Path):
     """ProsPr's meta-gradients (M = 3) with one mask per `Conv1D` column, then a smaller GPT-2
-    trained by `fit`, with its optimizer made again for the new parameters."""
+    trained by `fit` with its optimizer made again; the checkpoint holds the small network,
+    resuming re-shrinks a fresh dense GPT-2 first, and a plain one loads it after `shrink`."""
+
+    def callback() -> ProsprPruningCallback:
+        return ProsprPruningCallback(
+            sparsity=0.5, structured=True, shrink=True, head_sparsity=0.5, allocation="uniform", verbose=False
+        )
+
     module = GPT2Module()
     dense = sum(p.numel() for p in module.parameters())
-    callback = ProsprPruningCallback(
-        sparsity=0.5, structured=True, shrink=True, head_sparsity=0.5, allocation="uniform", verbose=False
-    )
-    trainer = quiet_trainer([callback], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
+    first = callback()
+    trainer = quiet_trainer([first], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer.fit(module)
@@ -181,7 +186,23 @@ def test_the_callback_shrinks_gpt2_with_prospr_before_training(tmp_path: Path):
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert held == {id(p) for p in module.parameters()}
     assert trainer.global_step == 2
-    assert callback.report is not None and callback.report.shrunk == (
-        dense,
-        sum(p.numel() for p in module.parameters()),
-    )
+    small = sum(p.numel() for p in module.parameters())
+    assert first.report is not None and first.report.shrunk == (dense, small)
+
+    path = tmp_path / "small.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["state_dict"][f"lm.{BLOCK}.mlp.c_fc.weight"].shape == (32, 64)
+    fresh = GPT2Module()
+    resumed = quiet_trainer([callback()], max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        resumed.fit(fresh, ckpt_path=path)
+    assert resumed.global_step == 4 and sum(p.numel() for p in fresh.parameters()) == small
+
+    plain = GPT2Module()
+    masks = checkpoint["callbacks"][first.state_key]["channel_masks"]
+    shrink(plain, masks, (tokens(),), loss_fn=lambda m, b: m.training_step(b, 0))
+    plain.load_state_dict(checkpoint["state_dict"])
+    ids = tokens()
+    assert torch.allclose(logits(module.lm, ids, False), logits(plain.lm, ids, False), atol=1e-6)
