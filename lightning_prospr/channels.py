@@ -60,6 +60,10 @@ __all__ = ["ChannelGroup", "ChannelGroups", "Coupled", "channel_groups", "predic
 
 #: Relative tolerance of the check that a group removes what masking it removes.
 CHECK_TOLERANCE = 1e-4
+#: How often torch-pruning's search for one group may reach the same tensor (and handler) with a
+#: new set of channel indices before the search is taken as endless: a concatenation reached from
+#: several paths gives a few sets, a cycle of index shifts (rotary embeddings) gives new ones forever.
+SEARCH_REVISITS = 64
 #: Attributes of an attention module that give its head size, and its head count.
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
@@ -333,6 +337,33 @@ def _without_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+class _EndlessSearch(Exception):
+    """Torch-pruning's group search kept finding new index sets for the same tensor."""
+
+
+@contextmanager
+def _bounded_search() -> Iterator[None]:
+    """Torch-pruning's `Group.add_dep` (public, called once per dependency its search adds) counted
+    per target and handler for one search; `_EndlessSearch` past `SEARCH_REVISITS`. Without a
+    bound, `get_pruning_group` never returns on Llama's query and key projections."""
+    group_type = _tp().dependency.Group
+    original = group_type.add_dep
+    seen: dict[tuple[int, Any], int] = {}
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> Any:
+        key = (id(dep.target), dep.handler)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > SEARCH_REVISITS:
+            raise _EndlessSearch
+        return original(self, dep, idxs)
+
+    group_type.add_dep = add_dep
+    try:
+        yield
+    finally:
+        group_type.add_dep = original
+
+
 def _as_output(loss: Any) -> Any:
     """The loss of a `{"loss": ...}` mapping; any other output (a Hugging Face `ModelOutput` of a
     forward without labels) is traced whole."""
@@ -370,7 +401,15 @@ def _group_of(
             f"torch-pruning's graph does not see {type(module).__name__} "
             f"`{name.rpartition('.')[0]}` on its own",
         )
-    group = graph.get_pruning_group(module, out_channel_handler(module), idxs=list(range(size)))
+    try:
+        with _bounded_search():
+            group = graph.get_pruning_group(module, out_channel_handler(module), idxs=list(range(size)))
+    except _EndlessSearch:
+        return None, (
+            f"torch-pruning's search for the channels coupled with it did not end (one tensor reached "
+            f"with more than {SEARCH_REVISITS} different index sets; rotary position embeddings, which "
+            "concatenate the halves of each head, do this)"
+        )
     where = _module_names(model)
     producers: dict[str, Coupled] = {}
     dead: dict[str, Coupled] = {}

@@ -1,6 +1,8 @@
-"""Structured pruning and shrink of Hugging Face's GPT-2, whose `Conv1D` holds its weight as
+"""Structured pruning and shrink of Hugging Face's decoders. GPT-2's `Conv1D` holds its weight as
 `(in, out)`: the output channels are columns, the MLP width and the attention heads (of the packed
-`c_attn`) are removed whole, and the shrunk model computes what the masked one computes."""
+`c_attn`) are removed whole, and the shrunk model computes what the masked one computes. Llama's
+rotary attention sends torch-pruning's search round a cycle: its projections stay whole, with the
+reason, and its MLP width shrinks."""
 
 from __future__ import annotations
 
@@ -206,3 +208,32 @@ def test_the_callback_shrinks_gpt2_with_prospr_and_resumes(tmp_path: Path):
     plain.load_state_dict(checkpoint["state_dict"])
     ids = tokens()
     assert torch.allclose(logits(module.lm, ids, False), logits(plain.lm, ids, False), atol=1e-6)
+
+
+def test_llama_attention_stays_whole_with_the_reason_and_its_mlp_shrinks_exactly():
+    """Without a bound, torch-pruning's search for the query projection's group never returns
+    (rotary embeddings concatenate the halves of each head, and the index sets shift for ever)."""
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(config), tokens()
+    with pytest.warns(UserWarning, match=r"keeps 10 weight\(s\) whole"):
+        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert result.groups is not None
+    for i in (0, 1):
+        for w in ("q_proj", "k_proj"):
+            assert "did not end" in result.groups.excluded[f"model.layers.{i}.self_attn.{w}.weight"]
+        group = result.groups.group_of(f"model.layers.{i}.mlp.gate_proj.weight")
+        assert group is not None and {p.name for p in group.producers} == {
+            f"model.layers.{i}.mlp.{w}.weight" for w in ("gate_proj", "up_proj")
+        }
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    assert small.model.layers[0].mlp.down_proj.weight.shape[1] < 64
+    assert small.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
