@@ -121,7 +121,7 @@ PROSPR_METHODS = ("prospr", "prospr-fo", "prospr-iter")
 #: Method modifiers: a layer-wise allocation (``+erk``, ``+uniform``), the guard
 #: (``+effective``: every kept weight on a path; the default is ``connected``) and a sanity check of
 #: the mask (``+shuffle``: the kept positions permuted within each layer; ``+reinit``: fresh weights).
-ALLOCATION_TAGS = ("erk", "uniform")
+ALLOCATION_TAGS = ("erk", "uniform", "balanced")
 GUARD_TAGS = ("effective",)
 ABLATIONS = ("shuffle", "reinit")
 #: The methods of the grid, in table order (``--methods`` takes any ``base[+allocation][+ablation]``).

@@ -425,7 +425,7 @@ def iterative_synflow_masks(
         dtype: as for `synflow_scores`.
         allocation: the layer densities of every round
             ([`select_masks`][lightning_prospr.selection.select_masks]): `"global"` (the paper's)
-            or a per-layer budget, `"uniform"` or `"erk"`.
+            or a per-layer budget, `"uniform"`, `"erk"` or `"balanced"`.
 
     Returns:
         `{name: bool tensor}`, `True` where the weight is kept, on each weight's device.

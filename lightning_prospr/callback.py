@@ -74,8 +74,9 @@ class ProsprPruningCallback(Callback):
             compete as channel groups
             ([`PruningSettings`][lightning_prospr.settings.PruningSettings]).
         allocation: the layer densities: `"global"` (one top-k over all layers), `"uniform"` (the
-            same density in every layer) or `"erk"` (RigL's Erdős–Rényi-Kernel rule); the scores
-            choose within each layer ([`allocation`][lightning_prospr.allocation]).
+            same density in every layer), `"erk"` (RigL's Erdős–Rényi-Kernel rule) or
+            `"balanced"` (the same number of weights in every layer); the scores choose within
+            each layer ([`allocation`][lightning_prospr.allocation]).
         pattern: `"N:M"` semi-structured masks, e.g. `"2:4"` for sparse tensor cores (N of every M
             consecutive weights along each layer's input dimension;
             [`semi_structured`][lightning_prospr.semi_structured]); `sparsity` must be $1 - N/M$,

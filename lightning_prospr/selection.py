@@ -109,7 +109,7 @@ def select_masks(
             channel of shape `(out, 1, ..., 1)` for structured pruning).
         sparsity: the fraction of all scored units to remove, in [0, 1).
         allocation: `"global"` ([`global_masks`][lightning_prospr.selection.global_masks]: one
-            top-k over all layers), `"uniform"` or `"erk"`
+            top-k over all layers), `"uniform"`, `"erk"` or `"balanced"`
             ([`layer_budgets`][lightning_prospr.allocation.layer_budgets]: each layer keeps its
             budget, chosen by its own scores).
         within: existing keep-masks; weights outside them stay removed and count towards

@@ -76,9 +76,10 @@ class PruningSettings:
             classifier is left out of it when `structured`.
         structured: one mask per output channel instead of per weight; `sparsity` counts channels.
         allocation: how dense each layer is: `"global"` (default: one top-k over all layers, the
-            scores decide), `"uniform"` (every layer keeps $1 - s$) or `"erk"` (RigL's
+            scores decide), `"uniform"` (every layer keeps $1 - s$), `"erk"` (RigL's
             Erdős–Rényi-Kernel densities, $\\propto \\sum_i n_i / \\prod_i n_i$ of the weight
-            shape); with the last two the scores choose within each layer
+            shape) or `"balanced"` (every layer keeps the same number of weights, capped at its
+            size); with the last three the scores choose within each layer
             ([`allocation`][lightning_prospr.allocation]). Per channel when `structured`.
         pattern: `"N:M"` semi-structured masks (`"2:4"` for sparse tensor cores): each group of M
             consecutive weights along a layer's input dimension keeps its N best-scored ones

@@ -68,11 +68,55 @@ def test_uniform_keeps_the_same_density_everywhere():
     }
 
 
+def test_balanced_on_lenet5_at_99_8_percent_by_hand():
+    """99.8 % of LeNet-5's 61,470 weights keeps 123. Equal counts would be 24.6 each, but conv1 has
+    only 150 weights, so nothing is full: 24.6 x 5, floors 24 each (120), and the 3 left over go
+    to the largest remainders, all .6 here, so to the first three layers."""
+    total = sum(math.prod(s) for s in LENET5.values())
+    kept = total - pruned_count(0.998, total)
+    assert kept == 123
+    assert layer_budgets(LENET5, kept, "balanced") == {
+        "conv1.weight": 25,
+        "conv2.weight": 25,
+        "fc1.weight": 25,
+        "fc2.weight": 24,
+        "fc3.weight": 24,
+    }
+    # 5 % keeps 3,074: 614.8 each would overfill conv1 (150), which is kept whole; the other four
+    # share 2,924, 731 each
+    assert layer_budgets(LENET5, 3074, "balanced") == {
+        "conv1.weight": 150,
+        "conv2.weight": 731,
+        "fc1.weight": 731,
+        "fc2.weight": 731,
+        "fc3.weight": 731,
+    }
+
+
+def test_balanced_allocation_through_compute_masks_with_rounds_and_the_guard():
+    """ProsPr with rounds and the effective guard under the balanced allocation (the benchmark's
+    LeNet-5 setting at 99.8 %): every layer ends with the hand-computed count (the guard pays for
+    what it adds within the same layer), and some input-to-output path survives."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(4)]
+    settings_ = PruningSettings(0.998, allocation="balanced", rounds=3, guard="effective")
+    result = compute_masks(model, ce_loss, batches, settings_)
+    assert {n: int(m.sum()) for n, m in result.masks.items()} == {
+        "conv1.weight": 25,
+        "conv2.weight": 25,
+        "fc1.weight": 25,
+        "fc2.weight": 24,
+        "fc3.weight": 24,
+    }
+    assert path_gradients(model, result.masks, ce_loss, batches[0]).total > 0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     shapes=st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=6),
     fraction=st.floats(0.0, 1.0),
-    allocation=st.sampled_from(["erk", "uniform"]),
+    allocation=st.sampled_from(["erk", "uniform", "balanced"]),
 )
 def test_budgets_are_exact_and_within_capacity(shapes, fraction, allocation):
     named = {f"l{i}": tuple(s) for i, s in enumerate(shapes)}
@@ -178,6 +222,6 @@ def test_guard_pays_for_its_additions_in_the_same_layer():
 
 
 def test_settings_validate_allocation():
-    with pytest.raises(ValueError, match="`allocation` must be one of 'global', 'uniform', 'erk'"):
+    with pytest.raises(ValueError, match="must be one of 'global', 'uniform', 'erk', 'balanced'"):
         PruningSettings(0.9, allocation="ERK")
     assert "erk allocation" in PruningSettings(0.9, allocation="erk").describe()
