@@ -23,8 +23,8 @@ or improves the accuracy of SNIP, GraSP and SynFlow masks. `allocation` chooses 
   sparsity, ends near this: its conservation law gives every layer the same total score, so at
   99.8 % on LeNet-5 its five layers keep 19 to 33 weights each.
 
-With `"uniform"`, `"erk"` and `"balanced"` the scores choose only *within* each layer. The counts are integers
-that add up to the global budget exactly
+With `"uniform"`, `"erk"` and `"balanced"` the scores choose only *within* each layer. The counts
+are integers that add up to the global budget exactly
 ([`layer_budgets`][lightning_prospr.allocation.layer_budgets]).
 """
 
