@@ -314,8 +314,8 @@ def build_graph(model: nn.Module, loss_fn: LossFn, batch: Any) -> Any:
         raise ValueError(
             f"torch-pruning could not trace which channels are coupled ({type(err).__name__}: {err}); "
             "structured pruning and shrink need its graph of one loss pass. If the loss turns on a "
-            "cache (`use_cache=True`) or concatenates feature maps along a computed dimension, "
-            "leave that out of the pass, or prune unstructured (structured=False)."
+            "key/value cache (`use_cache=True`), leave it off for that pass; otherwise prune "
+            "unstructured (structured=False)."
         ) from err
     finally:
         for module, flag in flags:
