@@ -429,7 +429,7 @@ def _group_of(
             weight = f"{prefix}weight"
             if names is not None and weight not in names:
                 return None, f"its channels are coupled with {weight}, which is not pruned"
-            producers[weight] = Coupled(weight, index, root, 1 if is_hf_conv1d(target) else 0)
+            producers[weight] = Coupled(weight, index, root, output_dim(model, weight))
             if getattr(target, "bias", None) is not None:
                 dead[f"{prefix}bias"] = Coupled(f"{prefix}bias", index, root)
         elif isinstance(target, _NORMS):

@@ -121,7 +121,7 @@ def select_channels(
         chosen = selected
         current = {
             n: m.to(named[parameter_key(named, n)].device)
-            for n, m in _producer_masks(groups, chosen, shapes).items()
+            for n, m in _producer_masks(groups, chosen, shapes, dims).items()
         }
     assert chosen is not None
     guard = GuardReport()
@@ -171,14 +171,16 @@ def _group_alive(group: ChannelGroup, current: Mapping[str, Tensor]) -> Tensor:
 
 
 def _producer_masks(
-    groups: list[ChannelGroup], chosen: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]
+    groups: list[ChannelGroup],
+    chosen: Mapping[str, Tensor],
+    shapes: Mapping[str, torch.Size],
+    dims: Mapping[str, int],
 ) -> dict[str, Tensor]:
     """The group masks as per-channel masks `(out, 1, ..., 1)` of every producer (`(1, out)` for a
-    `Conv1D`), for the next round."""
+    `Conv1D`; `dims`: each producer's output dimension), for the next round."""
     out: dict[str, Tensor] = {}
     for group in groups:
-        dims = {member.name: member.dim for member in group.producers}
         for name, mask in group.expand(chosen[group.root], shapes).items():
-            if name in dims:
+            if name in dims:  # a producer, not a bias or norm parameter
                 out[name] = _channel_shaped(mask, dims[name])
     return out

@@ -36,8 +36,9 @@ def test_round_widths_puts_back_removed_channels_up_to_a_multiple() -> None:
 
 @pytest.mark.slow  # about a minute on a loaded 2-core machine: ProsPr masks of a 3.7 M-parameter GPT-2
 def test_shrink_benchmark_gpt2_case_removes_heads_and_mlp_width() -> None:
-    """The GPT-2 case: 8 heads and MLP width 1024 per block, half of each removed at 50 %, the
-    residual stream (tied to the embeddings) whole; the counts are those of the networks."""
+    """The GPT-2 case: 8 heads and MLP width 1024 per block; at 50 % half of every block's heads
+    go and the MLP widths share the global budget; the residual stream (tied to the embeddings)
+    stays whole; the counts are those of the networks."""
     module = load_script("shrink")
     nets = module.networks("gpt2", 0.5, seed=0)
     dense, small = nets["dense"], nets["shrunk"]
