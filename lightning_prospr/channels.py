@@ -23,8 +23,19 @@ scored, kept and removed together, and the parent's head count (and `all_head_si
 `attn_dim`) follows the removal. Two layouts are recognized: separate projections of
 heads x head size rows each (Hugging Face's BERT family), and one packed `qkv` projection of
 3 x heads x head size rows (timm's `Attention`, and GPT-2's `c_attn`, whose `split_size` follows
-too). `nn.MultiheadAttention` (a bare `in_proj_weight`) and grouped-query attention are not grouped
-by head; they stay whole.
+too). `nn.MultiheadAttention` (a bare `in_proj_weight`) is not grouped by head; it stays whole.
+
+**The Llama family's heads, from the layout.** In Hugging Face's Llama, Mistral, Qwen, Gemma
+and OPT attention (children `q_proj`, `k_proj`, `v_proj` and `o_proj` or `out_proj`, an integer
+`head_dim`), the head groups are read from the module rather than searched in the graph: rotary
+position embeddings concatenate the two halves of each head, and torch-pruning's search goes
+round that for ever (it is bounded, `SEARCH_REVISITS`, for the models this layout does not
+cover). With grouped-query attention a channel is one key/value head together with the query
+heads that read it, Hugging Face's `repeat_kv` order: of $h$ query heads on $h_{kv}$ key/value
+heads, query head $i$ reads key/value head $\\lfloor i h_{kv} / h \\rfloor$. These groups are
+removed here (the projections' rows and biases, the output projection's input columns, the
+`num_key_value_heads` and head counts the module holds), and checked by running them like the
+others; a module that uses its heads differently fails the check and stays whole.
 
 **Hugging Face's `Conv1D`** (GPT-2's Linear) holds its weight as `(in, out)`, so its output
 channels are its weight's *columns*: [`Coupled.dim`][lightning_prospr.channels.Coupled] says which
@@ -69,6 +80,13 @@ HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
 #: Attributes that hold the width heads x head size (Hugging Face's BERT and GPT-2, timm).
 INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim", "split_size")
+#: The key/value head count of a grouped-query attention module, where it keeps one.
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads",)
+#: Children of an attention module whose heads are grouped from its layout (Hugging Face's Llama
+#: family: Llama, Mistral, Qwen2, Gemma, ...): the query, key and value projections, and the output
+#: projection (`o_proj`; `out_proj` in OPT and BART).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -156,6 +174,9 @@ class ChannelGroup:
         rows: rows of the root weight per channel: 1, or, when the channels are the heads of an
             attention module, a head's rows (its size; 3 x its size in a packed `qkv` weight).
         attention: that attention module's name (its head count is updated on removal), or `""`.
+        readers: the input columns that read the channels (`dim` 1), when the group was found from
+            its attention module's layout rather than torch-pruning's graph: the group is then
+            removed here, its producers' rows and biases and these columns, without the graph.
     """
 
     root: str
@@ -164,6 +185,7 @@ class ChannelGroup:
     dead_with: tuple[Coupled, ...] = ()
     rows: int = 1
     attention: str = ""
+    readers: tuple[Coupled, ...] = ()
 
     def scores(self, channel_scores: Mapping[str, Tensor]) -> Tensor:
         """The group's score per channel: the sum of its producers' channel scores."""
@@ -463,7 +485,7 @@ def _attention_of(model: nn.Module, group: ChannelGroup) -> tuple[str, int, int]
     separate = len(group.producers) >= 2 and rows == {count * size} == {group.size}
     packed = len(group.producers) == 1 and rows == {3 * count * size} == {group.size}
     if not (separate or packed):
-        return None  # e.g. grouped-query attention (fewer key/value heads): not grouped by head
+        return None  # e.g. grouped-query attention (fewer key/value heads): see `_layout_heads`
     return owner, count, size
 
 
@@ -493,6 +515,57 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
     )
 
 
+def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[ChannelGroup, str] | None:
+    r"""The head group of the attention module whose query, key or value projection `name` is, read
+    from the module's layout (see `PROJECTIONS`), as `(group, "")`; None when `name` is not one, or
+    when the three projections are not all among the pruned weights `names`.
+
+    The module declares its head size $d$ (`head_dim`); the query projection has $h d$ rows, the
+    key and value projections $h_{kv} d$ each, and the output projection $h d$ input columns. The
+    group's channels are the $h_{kv}$ key/value heads, each with the $h / h_{kv}$ query heads that
+    read it (query head $i$ reads key/value head $\lfloor i h_{kv} / h \rfloor$, as Hugging Face's
+    `repeat_kv` lays them out); without grouped-query attention ($h_{kv} = h$) they are the heads."""
+    owner, _, leaf = name.rpartition(".")
+    parent, _, child = owner.rpartition(".")
+    if leaf != "weight" or child not in PROJECTIONS:
+        return None
+    attention = model.get_submodule(parent)
+    q, k, v = (getattr(attention, n, None) for n in PROJECTIONS)
+    o_name = next((n for n in OUTPUT_PROJECTIONS if isinstance(getattr(attention, n, None), nn.Linear)), None)
+    size = _int_attr(attention, HEAD_SIZE_ATTRS)
+    if o_name is None or size is None or not all(isinstance(m, nn.Linear) for m in (q, k, v)):
+        return None
+    q, k, v, o = cast(nn.Linear, q), cast(nn.Linear, k), cast(nn.Linear, v), getattr(attention, o_name)
+    heads, kv_heads = divmod(q.out_features, size), divmod(k.out_features, size)
+    if heads[1] or kv_heads[1] or v.out_features != k.out_features or o.in_features != q.out_features:
+        return None
+    if kv_heads[0] == 0 or heads[0] % kv_heads[0]:
+        return None
+    per = heads[0] // kv_heads[0]  # query heads per key/value head
+    prefix = f"{parent}." if parent else ""
+    if names is not None and any(f"{prefix}{n}.weight" not in names for n in PROJECTIONS):
+        return None  # not all three pruned: the graph's own groups (rows, not heads), if it finds them
+
+    def coupled(tensor: str, rows: int, dim: int = 0) -> Coupled:
+        index = torch.arange(rows)
+        per_channel = size * (per if rows == q.out_features else 1)
+        return Coupled(tensor, index, torch.div(index, per_channel, rounding_mode="floor"), dim)
+
+    projections = [(f"{prefix}{n}", m) for n, m in zip(PROJECTIONS, (q, k, v), strict=True)]
+    return (
+        ChannelGroup(
+            f"{prefix}q_proj.weight",
+            kv_heads[0],
+            tuple(coupled(f"{n}.weight", m.out_features) for n, m in projections),
+            tuple(coupled(f"{n}.bias", m.out_features) for n, m in projections if m.bias is not None),
+            rows=per * size,
+            attention=parent,
+            readers=(coupled(f"{prefix}{o_name}.weight", o.in_features, dim=1),),
+        ),
+        "",
+    )
+
+
 def _masked_tensors(model: nn.Module, removed: Mapping[ChannelGroup, Sequence[int]]) -> dict[str, Tensor]:
     """The dense model's parameters with the removed channels zeroed (rows, biases, norms)."""
     named = dict(model.named_parameters())
@@ -511,14 +584,42 @@ def _members(group: ChannelGroup) -> list[str]:
 
 
 def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup, Sequence[int]]) -> None:
-    """Remove the given channels of each group through torch-pruning, in place."""
+    """Remove the given channels of each group, in place: through torch-pruning's graph, or for a
+    group found from its attention module's layout (`readers`), by that layout."""
     for group, channels in removed.items():
-        if channels:
+        if not channels:
+            continue
+        if group.readers:
+            _remove_by_layout(model, group, channels)
+        else:
             module = model.get_submodule(group.root.rpartition(".")[0])
             rows = _root_rows(group, channels)
             graph.get_pruning_group(module, out_channel_handler(module), idxs=rows).prune()
-            if group.attention:
-                _set_head_count(model.get_submodule(group.attention), group.size - len(set(channels)))
+        if group.attention:
+            kept, module = group.size - len(set(channels)), model.get_submodule(group.attention)
+            if group.readers:  # a channel: a key/value head and its rows / head size query heads
+                _set_head_count(module, kept * group.rows // _head_size(module))
+                _set_attrs(module, KV_HEAD_COUNT_ATTRS, kept)
+            else:
+                _set_head_count(module, kept)
+
+
+def _remove_by_layout(model: nn.Module, group: ChannelGroup, channels: Sequence[int]) -> None:
+    """Remove a layout group's channels without the graph: the producers' rows (with their
+    biases) and the readers' input columns, through torch-pruning's Linear pruner."""
+    tp = _tp()
+    chosen = torch.tensor(sorted({int(c) for c in channels}), dtype=torch.long)
+    for member in (*group.producers, *group.readers):
+        linear = model.get_submodule(member.name.rpartition(".")[0])
+        idxs = sorted(int(i) for i in member.index[torch.isin(member.root, chosen)])
+        prune = tp.prune_linear_out_channels if member.dim == 0 else tp.prune_linear_in_channels
+        prune(linear, idxs)
+
+
+def _head_size(module: nn.Module) -> int:
+    size = _int_attr(module, HEAD_SIZE_ATTRS)
+    assert size is not None, "only attention groups (whose module declares its head size) get here"
+    return size
 
 
 def _root_rows(group: ChannelGroup, channels: Sequence[int]) -> list[int]:
@@ -532,16 +633,17 @@ def _root_rows(group: ChannelGroup, channels: Sequence[int]) -> list[int]:
 
 
 def _set_head_count(module: nn.Module, heads: int) -> None:
-    """Set the attention module's head count to `heads`, and the widths it keeps (heads x head
-    size: `all_head_size`, `attn_dim`) to match."""
-    size = _int_attr(module, HEAD_SIZE_ATTRS)
-    assert size is not None, "only attention groups (whose module declares its head size) get here"
-    for attr in HEAD_COUNT_ATTRS:
+    """Set the attention module's (query) head count to `heads`, and the widths it keeps (heads x
+    head size: `all_head_size`, `attn_dim`) to match."""
+    _set_attrs(module, HEAD_COUNT_ATTRS, heads)
+    _set_attrs(module, INNER_WIDTH_ATTRS, heads * _head_size(module))
+
+
+def _set_attrs(module: nn.Module, names: Sequence[str], value: int) -> None:
+    """Set those of the attributes `names` that `module` holds as an int to `value`."""
+    for attr in names:
         if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, heads)
-    for attr in INNER_WIDTH_ATTRS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, heads * size)
+            setattr(module, attr, value)
 
 
 def check_removal(
@@ -583,7 +685,7 @@ def channel_groups(
     for name in names:
         if any(name in _members(g) for g in found.groups) or name in found.excluded:
             continue
-        group, why = _group_of(graph, model, name, wanted)
+        group, why = _layout_heads(model, name, wanted) or _group_of(graph, model, name, wanted)
         if group is None:
             found.excluded[name] = why
             continue
@@ -597,7 +699,11 @@ def channel_groups(
             if error > CHECK_TOLERANCE:
                 found.groups.remove(group)
                 reason = (
-                    "removing its channels through torch-pruning's graph does not give the masked "
+                    f"removing its heads by the layout of `{group.attention}` does not give the masked "
+                    f"network (relative difference {error:.2g}): its forward does more with the heads "
+                    "than the attention of the Llama family"
+                    if group.readers
+                    else "removing its channels through torch-pruning's graph does not give the masked "
                     f"network (relative difference {error:.2g}): an op between the layers is one the "
                     "graph does not follow (e.g. a channel-dimension pad)"
                 )

@@ -103,6 +103,8 @@ class PruningSettings:
             chosen within the module by the heads' scores: a module of $h$ heads keeps
             $h - \\min(h - 1, \\operatorname{round}(s_h h))$ (at least one). `sparsity` and
             `allocation` then count only the other channels, and the guard leaves the heads alone.
+            With grouped-query attention (the Llama family) a head here is a key/value head with
+            the query heads that read it, and $h$ counts key/value heads.
             `None` (default): heads are channel groups like any other; under the global allocation
             a head's score sums several head-size rows, so heads are rarely removed (the
             shrinking guide's "Attention heads"). Needs a model whose heads are found (it is an

@@ -1,8 +1,9 @@
 """Structured pruning and shrink of Hugging Face's decoders. GPT-2's `Conv1D` holds its weight as
 `(in, out)`: the output channels are columns, the MLP width and the attention heads (of the packed
-`c_attn`) are removed whole, and the shrunk model computes what the masked one computes. Llama's
-rotary attention sends torch-pruning's search round a cycle: its projections stay whole, with the
-reason, and its MLP width shrinks."""
+`c_attn`) are removed whole, and the shrunk model computes what the masked one computes. The Llama
+family's attention heads are grouped from the module's layout, a key/value head with the query heads
+that read it (grouped-query attention); torch-pruning's own search round rotary embeddings never
+ends, and is bounded."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from shared import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_prospr import ProsprPruningCallback, PruningSettings, compute_masks, shrink
+from lightning_prospr import ProsprPruningCallback, PruningSettings, channels, compute_masks, shrink
 from lightning_prospr.masking import apply_masks
 
 transformers = pytest.importorskip("transformers")
@@ -210,16 +211,163 @@ def test_the_callback_shrinks_gpt2_with_prospr_and_resumes(tmp_path: Path):
     assert torch.allclose(logits(module.lm, ids, False), logits(plain.lm, ids, False), atol=1e-6)
 
 
-def test_llama_attention_stays_whole_with_the_reason_and_its_mlp_shrinks_exactly():
-    """Without a bound, torch-pruning's search for the query projection's group never returns
-    (rotary embeddings concatenate the halves of each head, and the index sets shift for ever)."""
+def llama(kv_heads: int = 2) -> nn.Module:
+    """A 2-layer Llama of width 32: 4 query heads of 8, `kv_heads` key/value heads, MLP width 64."""
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
+        num_key_value_heads=kv_heads, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
         eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model, ids = transformers.LlamaForCausalLM(config), tokens()
+    return transformers.LlamaForCausalLM(config)
+
+
+def attention_names(layer: int) -> list[str]:
+    return [f"model.layers.{layer}.self_attn.{w}_proj.weight" for w in "qkv"]
+
+
+def test_llama_key_value_heads_go_with_their_query_heads_and_shrink_exactly():
+    """Grouped-query attention, 4 query heads on 2 key/value heads: a channel is key/value head j
+    with query heads 2j and 2j + 1 (Hugging Face's `repeat_kv` order). `head_sparsity=0.5` removes
+    one of each layer's two; the masked, the shrunk and a copy cut by hand agree."""
+    model, ids = llama(), tokens()
+    settings = PruningSettings(0.5, method="snip", structured=True, head_sparsity=0.5)
+    with pytest.warns(UserWarning, match=r"keeps 4 weight\(s\) whole"):  # o_proj, down_proj: residual
+        result = compute_masks(model, lm_loss, [ids], settings)
+    assert result.groups is not None
+    for layer in (0, 1):
+        group = result.groups.group_of(attention_names(layer)[0])
+        assert group is not None and (group.size, group.rows) == (2, 16)
+        assert [p.name for p in group.producers] == attention_names(layer)
+        assert [r.name for r in group.readers] == [f"model.layers.{layer}.self_attn.o_proj.weight"]
+        q, k, v = (result.channel_masks[n] for n in attention_names(layer))
+        kept = int(k.reshape(2, 8)[:, 0].nonzero())  # the key/value head kept
+        assert torch.equal(k, v) and torch.equal(k, torch.arange(16) // 8 == kept)
+        assert torch.equal(q, torch.arange(32) // 16 == kept)  # its two query heads, whole
+
+    masked, small, by_hand = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    apply_masks(by_hand, {n: m for n, m in {**result.masks, **result.coupled}.items() if ".mlp." in n})
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    for layer in (0, 1):
+        attention = small.model.layers[layer].self_attn
+        assert attention.q_proj.weight.shape == (16, 32) and attention.o_proj.weight.shape == (32, 16)
+        assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (8, 32)
+        assert attention.num_key_value_groups == 2
+        # independent of the package: cut the kept heads' rows and columns with plain indexing
+        q, k = (result.channel_masks[n] for n in attention_names(layer)[:2])
+        cut = by_hand.model.layers[layer].self_attn
+        for proj, rows in ((cut.q_proj, q), (cut.k_proj, k), (cut.v_proj, k)):
+            proj.weight = nn.Parameter(proj.weight[rows].detach().clone())
+        cut.o_proj.weight = nn.Parameter(cut.o_proj.weight[:, q].detach().clone())
+    for train in (False, True):
+        a, b = logits(masked, ids, train), logits(small, ids, train)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
+    c = logits(by_hand, ids, False)
+    assert torch.allclose(logits(masked, ids, False), c, rtol=1e-4, atol=1e-5 * float(c.abs().max()))
+    for net in (masked, small):  # one SGD step on each: still the same network
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        lm_loss(net.train(), ids).backward()
+        optimizer.step()
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+    plain = llama()  # loads the small network after `shrink` with the same masks
+    shrink(plain, result.channel_masks, ids, loss_fn=lm_loss)
+    plain.load_state_dict(small.state_dict())
+    assert torch.equal(logits(plain, ids, False), logits(small, ids, False))
+
+
+def test_llama_head_scores_sum_the_query_key_and_value_rows_of_each_key_value_head():
+    """Structured magnitude: key/value head j scores the sum of |w| over its rows in k_proj and
+    v_proj and the rows of its two query heads in q_proj, summed here by hand; one of two kept."""
+    model, ids = llama(), tokens()
+    names = attention_names(0) + attention_names(1)
+    settings = PruningSettings(
+        0.5, method="magnitude", structured=True, allocation="uniform", parameters=names
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], settings)
+    weights = dict(model.named_parameters())
+    for layer in (0, 1):
+        q, k, v = (weights[n].detach().abs().sum(dim=1) for n in attention_names(layer))
+        score = q.reshape(2, 16).sum(1) + k.reshape(2, 8).sum(1) + v.reshape(2, 8).sum(1)
+        expected = torch.arange(16) // 8 == int(score.argmax())
+        assert torch.equal(result.channel_masks[attention_names(layer)[1]], expected), layer
+
+
+ARCHITECTURES = {  # name: (config class, model class, extra config)
+    "qwen2 (q/k/v biases)": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3 (per-head q/k norms)": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "opt (out_proj, no rotary)": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
+    config_type, model_type, extra = ARCHITECTURES[name]
+    kv = {} if config_type == "OPTConfig" else {"num_key_value_heads": 2, "intermediate_size": 64}
+    config = getattr(transformers, config_type)(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kv, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, ids = getattr(transformers, model_type)(config), tokens()
+    settings = PruningSettings(0.5, method="snip", structured=True, head_sparsity=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], settings)
+    assert result.groups is not None
+    heads = [g for g in result.groups.groups if g.readers]
+    assert len(heads) == 2 and all(g.size == (4 if config_type == "OPTConfig" else 2) for g in heads)
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    for group in heads:
+        attention = small.get_submodule(group.attention)
+        assert attention.q_proj.weight.shape[0] == 16  # half the query heads
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+class TransposedHeads(nn.Module):
+    """Named like Llama's attention, but the output projection reads the heads' outputs
+    interleaved, `(position, head size, head)`: the layout's rows are then the wrong ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim = 4
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o_proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (
+            p(x).unflatten(-1, (2, 4)).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # (head, position, head size)
+        return self.o_proj(out.permute(1, 2, 0).flatten(1))
+
+
+def test_a_module_named_like_llama_attention_that_mixes_its_heads_stays_whole_with_the_reason():
+    model, x = nn.Sequential(nn.Linear(8, 8), TransposedHeads()), torch.randn(5, 8)
+    before = copy.deepcopy(model.state_dict())
+    names = [f"1.{w}_proj.weight" for w in "qkv"]
+    found = channels.channel_groups(model, lambda m, b: m(b).square().mean(), x, names)
+    assert all("by the layout of `1`" in found.excluded[n] for n in names) and not found.groups
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.timeout(300)
+def test_without_the_layout_llama_attention_stays_whole_by_the_search_bound(monkeypatch: pytest.MonkeyPatch):
+    """Torch-pruning's own search for the query projection's group never returns without a bound
+    (rotary embeddings concatenate the halves of each head, and the index sets shift for ever); it
+    is bounded, the projections stay whole with the reason, and the MLP width still shrinks."""
+    monkeypatch.setattr(channels, "_layout_heads", lambda *args: None)
+    model, ids = llama(), tokens()
     with pytest.warns(UserWarning, match=r"keeps 10 weight\(s\) whole"):
         result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
     assert result.groups is not None
@@ -237,3 +385,12 @@ def test_llama_attention_stays_whole_with_the_reason_and_its_mlp_shrinks_exactly
     assert small.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_the_search_bound_counts_torch_prunings_searches(monkeypatch: pytest.MonkeyPatch):
+    """The bound counts calls of torch-pruning's `Group.add_dep`; with no revisit allowed, even a
+    plain MLP's group is cut short. If an upgrade stopped calling `add_dep`, this fails."""
+    monkeypatch.setattr(channels, "SEARCH_REVISITS", 0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    found = channels.channel_groups(model, lambda m, b: m(b).sum(), torch.randn(3, 4), ["0.weight"])
+    assert "did not end" in found.excluded["0.weight"]
