@@ -8,14 +8,17 @@ Run from the repository root::
         --out-dir benchmarks/results/shrink-channels-last  # the same in channels-last layout
     python benchmarks/shrink.py --models resnet20 --sparsities 0.75 --round-to 8 --out-dir /tmp/round8
     python benchmarks/shrink.py --models gpt2 --batch 16 --out-dir benchmarks/results/shrink-gpt2
+    python benchmarks/shrink.py --models llama --batch 16 --out-dir benchmarks/results/shrink-llama
 
 For each model (CIFAR-shaped random images, 10 classes, cross-entropy) and structured sparsity,
 structured ProsPr masks (default settings, one scoring batch of 32) give three networks from the
 same initialization. `gpt2` is Hugging Face's GPT-2 from a config (4 layers of width 256, 8 heads,
 MLP width 1024, vocabulary 2048, random init) on random token sequences of 64, with its language
 modelling loss; its masks take `head_sparsity` equal to the sparsity (its heads, apart from the MLP
-widths), and its residual stream, tied to the embeddings, stays whole. `--batch` counts sequences
-for it. The three networks:
+widths), and its residual stream, tied to the embeddings, stays whole. `llama` is Hugging Face's
+Llama the same way (4 layers of width 256, 8 query heads of 32 on 4 key/value heads, MLP width
+1024, vocabulary 2048): its unit of `head_sparsity` is a key/value head with its two query heads.
+`--batch` counts sequences for both. The three networks:
 
 * **dense**: the network as built;
 * **masked**: the dense network under the structured masks (`apply_masks`, the
@@ -77,6 +80,17 @@ def gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def llama() -> nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        num_hidden_layers=4, hidden_size=256, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=1024, vocab_size=VOCABULARY, max_position_embeddings=SEQUENCE,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
 def images(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
@@ -108,6 +122,7 @@ MODELS: dict[str, Case] = {
     "resnet20": Case(ResNet20, images, loss_fn),
     "vgg16bn": Case(VGG16BN, images, loss_fn),
     "gpt2": Case(gpt2, sequences, lm_loss, heads=True),
+    "llama": Case(llama, sequences, lm_loss, heads=True),
 }
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 COLUMNS = [

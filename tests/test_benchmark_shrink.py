@@ -55,3 +55,18 @@ def test_shrink_benchmark_gpt2_case_removes_heads_and_mlp_width() -> None:
     )
     assert int(rows["shrunk"]["macs"]) < int(rows["dense"]["macs"]) == int(rows["masked"]["macs"])
     assert "| gpt2 | 50% | shrunk |" in module.render(list(rows.values()), "")
+
+
+@pytest.mark.slow  # about a minute on a loaded 2-core machine, like the GPT-2 case
+def test_shrink_benchmark_llama_case_removes_key_value_heads_with_their_query_heads() -> None:
+    """The Llama case: 8 query heads of 32 on 4 key/value heads; at 50 % two key/value heads of
+    each block go with their four query heads, and the MLP widths share the global budget."""
+    module = load_script("shrink")
+    nets = module.networks("llama", 0.5, seed=0)
+    for layer in nets["shrunk"].model.layers:
+        attention = layer.self_attn
+        assert attention.q_proj.weight.shape == (128, 256) and attention.o_proj.weight.shape == (256, 128)
+        assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (64, 256)
+        assert 0 < layer.mlp.gate_proj.weight.shape[0] < 1024
+    rows = {r["variant"]: r for r in module.measure("llama", 0.5, batch=2, repeats=1, seed=0, nets=nets)}
+    assert int(rows["shrunk"]["macs"]) < int(rows["dense"]["macs"]) == int(rows["masked"]["macs"])
