@@ -51,6 +51,20 @@ def logits(model: nn.Module, ids: torch.Tensor, train: bool) -> torch.Tensor:
         return model(ids).logits
 
 
+def assert_same_network(masked: nn.Module, small: nn.Module, ids: torch.Tensor) -> None:
+    """The masked and the shrunk network compute the same logits in eval and train mode, and again
+    after one SGD step on each."""
+    for train in (False, True):
+        a, b = logits(masked, ids, train), logits(small, ids, train)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
+    for net in (masked, small):  # one SGD step on each: still the same network
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        lm_loss(net.train(), ids).backward()
+        optimizer.step()
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
 def quiet(model: nn.Module, settings: PruningSettings, ids: torch.Tensor):  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the residual stream stays whole (embeddings)
@@ -87,15 +101,7 @@ def test_gpt2_mlp_width_and_heads_are_columns_removed_whole_and_shrink_exactly()
     assert (block.attn.num_heads, block.attn.split_size) == (2, 16)
     assert block.attn.c_attn.weight.shape == (32, 48) and block.attn.c_proj.weight.shape == (16, 32)
     assert small.config.use_cache is True
-    for train in (False, True):
-        a, b = logits(masked, ids, train), logits(small, ids, train)
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
-    for net in (masked, small):  # one SGD step on each: still the same network
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-        lm_loss(net.train(), ids).backward()
-        optimizer.step()
-    a, b = logits(masked, ids, False), logits(small, ids, False)
-    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+    assert_same_network(masked, small, ids)
 
 
 def test_gpt2_channel_scores_sum_each_column():
@@ -260,17 +266,9 @@ def test_llama_key_value_heads_go_with_their_query_heads_and_shrink_exactly():
         for proj, rows in ((cut.q_proj, q), (cut.k_proj, k), (cut.v_proj, k)):
             proj.weight = nn.Parameter(proj.weight[rows].detach().clone())
         cut.o_proj.weight = nn.Parameter(cut.o_proj.weight[:, q].detach().clone())
-    for train in (False, True):
-        a, b = logits(masked, ids, train), logits(small, ids, train)
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())), train
     c = logits(by_hand, ids, False)
     assert torch.allclose(logits(masked, ids, False), c, rtol=1e-4, atol=1e-5 * float(c.abs().max()))
-    for net in (masked, small):  # one SGD step on each: still the same network
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
-        lm_loss(net.train(), ids).backward()
-        optimizer.step()
-    a, b = logits(masked, ids, False), logits(small, ids, False)
-    assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+    assert_same_network(masked, small, ids)
 
     plain = llama()  # loads the small network after `shrink` with the same masks
     shrink(plain, result.channel_masks, ids, loss_fn=lm_loss)
