@@ -27,7 +27,9 @@ too). `nn.MultiheadAttention` (a bare `in_proj_weight`) is not grouped by head; 
 
 **The Llama family's heads, from the layout.** In Hugging Face's Llama, Mistral, Qwen, Gemma
 and OPT attention (children `q_proj`, `k_proj`, `v_proj` and `o_proj` or `out_proj`, an integer
-`head_dim`), the head groups are read from the module rather than searched in the graph: rotary
+`head_dim`), and in GPT-NeoX's (one `query_key_value` holding each head's query, key and value
+rows together, and `dense`; `head_size`), the head groups are read from the module rather than
+searched in the graph: rotary
 position embeddings concatenate the two halves of each head, and torch-pruning's search goes
 round that for ever (it is bounded, `SEARCH_REVISITS`, for the models this layout does not
 cover). With grouped-query attention a channel is one key/value head together with the query
@@ -43,6 +45,9 @@ dimension a tensor's channels run along, and torch-pruning is given a pruner for
 columns and bias on the output side, its rows on the input side). Hugging Face models trace with
 their key/value cache off (`config.use_cache = False` for the one loss pass, then put back): the
 cache's concatenation along the sequence is an op torch-pruning's graph fails on.
+
+A group whose positions, as the graph maps them, fall outside a tensor (GPT-NeoX's packed
+projection gave negative ones) is left whole with that reason.
 
 A removed channel's norm scale and shift and its biases are masked too
 ([`ChannelGroup.dead_with`][lightning_prospr.channels.ChannelGroup]): without that, a BatchNorm
@@ -76,7 +81,7 @@ CHECK_TOLERANCE = 1e-4
 #: several paths gives a few sets, a cycle of index shifts (rotary embeddings) gives new ones forever.
 SEARCH_REVISITS = 64
 #: Attributes of an attention module that give its head size, and its head count.
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
 #: Attributes that hold the width heads x head size (Hugging Face's BERT and GPT-2, timm).
 INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim", "split_size")
@@ -87,6 +92,9 @@ KV_HEAD_COUNT_ATTRS = ("num_key_value_heads",)
 #: projection (`o_proj`; `out_proj` in OPT and BART).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj")
+#: The packed projection, each head's query, key and value rows together, and the output
+#: projection of an attention module grouped from its layout (Hugging Face's GPT-NeoX / Pythia).
+PACKED_PROJECTION = ("query_key_value", "dense")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -463,6 +471,16 @@ def _group_of(
                 None,
                 f"its channels reach {owner} ({type(target).__name__}), which this check does not cover",
             )
+    named = dict(model.named_parameters())
+    for member in (*producers.values(), *dead.values()):
+        extent = int(named[member.name].shape[member.dim])
+        if member.index.numel() and not (0 <= int(member.index.min()) <= int(member.index.max()) < extent):
+            return None, (
+                f"torch-pruning's graph maps its channels to positions {int(member.index.min())} to "
+                f"{int(member.index.max())} of `{member.name}`, which has {extent}: an op between the "
+                "layers is one the graph does not follow (GPT-NeoX's rotary split of a packed "
+                "query_key_value does this)"
+            )
     plain = ChannelGroup(name, size, tuple(producers.values()), tuple(dead.values()))
     return _as_heads(model, plain) or plain, ""
 
@@ -516,51 +534,65 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
 
 
 def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[ChannelGroup, str] | None:
-    r"""The head group of the attention module whose query, key or value projection `name` is, read
-    from the module's layout (see `PROJECTIONS`), as `(group, "")`; None when `name` is not one, or
-    when the three projections are not all among the pruned weights `names`.
+    r"""The head group of the attention module whose query, key or value projection `name` is (or
+        whose packed projection, see `PACKED_PROJECTION`), read from the module's layout, as
+        `(group, "")`; None when `name` is not one, or when the projections are not all among the
+        pruned weights `names`.
 
-    The module declares its head size $d$ (`head_dim`); the query projection has $h d$ rows, the
-    key and value projections $h_{kv} d$ each, and the output projection $h d$ input columns. The
-    group's channels are the $h_{kv}$ key/value heads, each with the $h / h_{kv}$ query heads that
-    read it (query head $i$ reads key/value head $\lfloor i h_{kv} / h \rfloor$, as Hugging Face's
-    `repeat_kv` lays them out); without grouped-query attention ($h_{kv} = h$) they are the heads."""
+        The module declares its head size $d$ (`head_dim` or `head_size`). Separate projections: the
+        query projection has $h d$ rows, the key and value projections $h_{kv} d$ each, and the output
+        projection $h d$ input columns; the group's channels are the $h_{kv}$ key/value heads, each
+        with the $h / h_{kv}$ query heads that read it (query head $i$ reads key/value head
+        $\lfloor i h_{kv} / h
+    floor$, as Hugging Face's `repeat_kv` lays them out); without
+        grouped-query attention ($h_{kv} = h$) they are the heads. Packed: $3 h d$ rows, each head's
+        query, key and value rows one block of $3 d$ (GPT-NeoX's layout), and the output projection's
+        $h d$ columns; the channels are the $h$ heads."""
     owner, _, leaf = name.rpartition(".")
     parent, _, child = owner.rpartition(".")
-    if leaf != "weight" or child not in PROJECTIONS:
+    if leaf != "weight" or child not in (*PROJECTIONS, PACKED_PROJECTION[0]):
         return None
     attention = model.get_submodule(parent)
-    q, k, v = (getattr(attention, n, None) for n in PROJECTIONS)
-    o_name = next((n for n in OUTPUT_PROJECTIONS if isinstance(getattr(attention, n, None), nn.Linear)), None)
     size = _int_attr(attention, HEAD_SIZE_ATTRS)
-    if o_name is None or size is None or not all(isinstance(m, nn.Linear) for m in (q, k, v)):
+    outputs = OUTPUT_PROJECTIONS if child in PROJECTIONS else PACKED_PROJECTION[1:]
+    o_name = next((n for n in outputs if isinstance(getattr(attention, n, None), nn.Linear)), None)
+    inputs = PROJECTIONS if child in PROJECTIONS else PACKED_PROJECTION[:1]
+    layers = [getattr(attention, n, None) for n in inputs]
+    if o_name is None or size is None or not all(isinstance(m, nn.Linear) for m in layers):
         return None
-    q, k, v, o = cast(nn.Linear, q), cast(nn.Linear, k), cast(nn.Linear, v), getattr(attention, o_name)
-    heads, kv_heads = divmod(q.out_features, size), divmod(k.out_features, size)
-    if heads[1] or kv_heads[1] or v.out_features != k.out_features or o.in_features != q.out_features:
-        return None
-    if kv_heads[0] == 0 or heads[0] % kv_heads[0]:
-        return None
-    per = heads[0] // kv_heads[0]  # query heads per key/value head
+    linears, o = cast(list[nn.Linear], layers), cast(nn.Linear, getattr(attention, o_name))
     prefix = f"{parent}." if parent else ""
-    if names is not None and any(f"{prefix}{n}.weight" not in names for n in PROJECTIONS):
-        return None  # not all three pruned: the graph's own groups (rows, not heads), if it finds them
+    if names is not None and any(f"{prefix}{n}.weight" not in names for n in inputs):
+        return None  # not all pruned: the graph's own groups (rows, not heads), if it finds them
+    if child in PROJECTIONS:
+        q, k, v = linears
+        heads, kv = divmod(q.out_features, size), divmod(k.out_features, size)
+        if heads[1] or kv[1] or v.out_features != k.out_features or not kv[0] or heads[0] % kv[0]:
+            return None
+        channels, per = kv[0], heads[0] // kv[0]  # query heads per key/value head
+        blocks = [size * per, size, size]  # rows per channel in q, k, v
+    else:
+        heads = divmod(linears[0].out_features, 3 * size)
+        if heads[1] or not heads[0]:
+            return None
+        channels, per, blocks = heads[0], 1, [3 * size]
+    if o.in_features != channels * per * size:
+        return None
 
-    def coupled(tensor: str, rows: int, dim: int = 0) -> Coupled:
-        index = torch.arange(rows)
-        per_channel = size * (per if rows == q.out_features else 1)
-        return Coupled(tensor, index, torch.div(index, per_channel, rounding_mode="floor"), dim)
+    def coupled(tensor: str, extent: int, block: int, dim: int = 0) -> Coupled:
+        index = torch.arange(extent)
+        return Coupled(tensor, index, torch.div(index, block, rounding_mode="floor"), dim)
 
-    projections = [(f"{prefix}{n}", m) for n, m in zip(PROJECTIONS, (q, k, v), strict=True)]
+    named = [(f"{prefix}{n}", m, b) for n, m, b in zip(inputs, linears, blocks, strict=True)]
     return (
         ChannelGroup(
-            f"{prefix}q_proj.weight",
-            kv_heads[0],
-            tuple(coupled(f"{n}.weight", m.out_features) for n, m in projections),
-            tuple(coupled(f"{n}.bias", m.out_features) for n, m in projections if m.bias is not None),
-            rows=per * size,
+            f"{prefix}{inputs[0]}.weight",
+            channels,
+            tuple(coupled(f"{n}.weight", m.out_features, b) for n, m, b in named),
+            tuple(coupled(f"{n}.bias", m.out_features, b) for n, m, b in named if m.bias is not None),
+            rows=blocks[0],
             attention=parent,
-            readers=(coupled(f"{prefix}{o_name}.weight", o.in_features, dim=1),),
+            readers=(coupled(f"{prefix}{o_name}.weight", o.in_features, per * size, dim=1),),
         ),
         "",
     )
@@ -597,8 +629,9 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
             graph.get_pruning_group(module, out_channel_handler(module), idxs=rows).prune()
         if group.attention:
             kept, module = group.size - len(set(channels)), model.get_submodule(group.attention)
-            if group.readers:  # a channel: a key/value head and its rows / head size query heads
-                _set_head_count(module, kept * group.rows // _head_size(module))
+            if group.readers:  # a channel: a key/value head and the query heads that read it
+                per = group.readers[0].index.numel() // group.size // _head_size(module)
+                _set_head_count(module, kept * per)
                 _set_attrs(module, KV_HEAD_COUNT_ATTRS, kept)
             else:
                 _set_head_count(module, kept)

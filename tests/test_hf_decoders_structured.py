@@ -155,68 +155,6 @@ def test_a_loss_that_turns_the_cache_on_gets_a_clear_error_and_an_unchanged_mode
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-class GPT2Module(pl.LightningModule):
-    """A LightningModule around GPT-2 with only `training_step` (no `forward` of its own)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lm = gpt2()
-
-    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
-        return self.lm(batch[0], labels=batch[0]).loss
-
-    def configure_optimizers(self):  # type: ignore[no-untyped-def]
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(tokens(12)), batch_size=4)
-
-
-def test_the_callback_shrinks_gpt2_with_prospr_and_resumes(tmp_path: Path):
-    """ProsPr's meta-gradients (M = 3) with one mask per `Conv1D` column, then a smaller GPT-2
-    trained by `fit` with its optimizer made again; the checkpoint holds the small network,
-    resuming re-shrinks a fresh dense GPT-2 first, and a plain one loads it after `shrink`."""
-
-    def callback() -> ProsprPruningCallback:
-        return ProsprPruningCallback(
-            sparsity=0.5, structured=True, shrink=True, head_sparsity=0.5, allocation="uniform", verbose=False
-        )
-
-    module = GPT2Module()
-    dense = sum(p.numel() for p in module.parameters())
-    first = callback()
-    trainer = quiet_trainer([first], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        trainer.fit(module)
-    for block in module.lm.transformer.h:
-        assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_proj.weight.shape == (64, 32)
-        assert (block.attn.num_heads, block.attn.split_size) == (2, 16)
-    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert held == {id(p) for p in module.parameters()}
-    assert trainer.global_step == 2
-    small = sum(p.numel() for p in module.parameters())
-    assert first.report is not None and first.report.shrunk == (dense, small)
-
-    path = tmp_path / "small.ckpt"
-    trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["state_dict"][f"lm.{BLOCK}.mlp.c_fc.weight"].shape == (32, 64)
-    fresh = GPT2Module()
-    resumed = quiet_trainer([callback()], max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        resumed.fit(fresh, ckpt_path=path)
-    assert resumed.global_step == 4 and sum(p.numel() for p in fresh.parameters()) == small
-
-    plain = GPT2Module()
-    masks = checkpoint["callbacks"][first.state_key]["channel_masks"]
-    shrink(plain, masks, (tokens(),), loss_fn=lambda m, b: m.training_step(b, 0))
-    plain.load_state_dict(checkpoint["state_dict"])
-    ids = tokens()
-    assert torch.allclose(logits(module.lm, ids, False), logits(plain.lm, ids, False), atol=1e-6)
-
-
 def llama(kv_heads: int = 2) -> nn.Module:
     """A 2-layer Llama of width 32: 4 query heads of 8, `kv_heads` key/value heads, MLP width 64."""
     config = transformers.LlamaConfig(
@@ -230,6 +168,88 @@ def llama(kv_heads: int = 2) -> nn.Module:
 
 def attention_names(layer: int) -> list[str]:
     return [f"model.layers.{layer}.self_attn.{w}_proj.weight" for w in "qkv"]
+
+
+def gpt2_shrunk(lm: nn.Module) -> None:
+    for block in lm.transformer.h:
+        assert block.mlp.c_fc.weight.shape == (32, 64) and block.mlp.c_proj.weight.shape == (64, 32)
+        assert (block.attn.num_heads, block.attn.split_size) == (2, 16)
+
+
+def llama_shrunk(lm: nn.Module) -> None:
+    for layer in lm.model.layers:
+        attention = layer.self_attn
+        assert attention.q_proj.weight.shape == (16, 32) and attention.o_proj.weight.shape == (32, 16)
+        assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (8, 32)
+        assert layer.mlp.gate_proj.weight.shape == layer.mlp.down_proj.weight.shape == (32, 32)
+
+
+DECODERS = {"gpt2": (gpt2, gpt2_shrunk), "llama": (llama, llama_shrunk)}
+
+
+class DecoderModule(pl.LightningModule):
+    """A LightningModule around a Hugging Face decoder with only `training_step` (no `forward`)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.lm = DECODERS[name][0]()
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self.lm(batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(tokens(12)), batch_size=4)
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_the_callback_shrinks_a_decoder_with_prospr_and_resumes(tmp_path: Path, name: str):
+    """ProsPr's meta-gradients (M = 3) with one mask per `Conv1D` column (GPT-2) or per key/value
+    head with its query heads (Llama), then a smaller network trained by `fit` with its optimizer
+    made again; the checkpoint holds the small network, resuming re-shrinks a fresh dense one
+    first, and a plain one loads it after `shrink`."""
+
+    def callback() -> ProsprPruningCallback:
+        return ProsprPruningCallback(
+            sparsity=0.5, structured=True, shrink=True, head_sparsity=0.5, allocation="uniform", verbose=False
+        )
+
+    module = DecoderModule(name)
+    dense = sum(p.numel() for p in module.parameters())
+    first = callback()
+    trainer = quiet_trainer([first], max_epochs=1, limit_train_batches=2, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.fit(module)
+    DECODERS[name][1](module.lm)
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters()}
+    assert trainer.global_step == 2
+    small = sum(p.numel() for p in module.parameters())
+    assert first.report is not None and first.report.shrunk == (dense, small)
+
+    path = tmp_path / "small.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == {
+        k: v.shape for k, v in module.state_dict().items()
+    }
+    fresh = DecoderModule(name)
+    resumed = quiet_trainer([callback()], max_epochs=2, limit_train_batches=2, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        resumed.fit(fresh, ckpt_path=path)
+    assert resumed.global_step == 4 and sum(p.numel() for p in fresh.parameters()) == small
+    DECODERS[name][1](fresh.lm)
+
+    plain = DecoderModule(name)
+    masks = checkpoint["callbacks"][first.state_key]["channel_masks"]
+    shrink(plain, masks, (tokens(),), loss_fn=lambda m, b: m.training_step(b, 0))
+    plain.load_state_dict(checkpoint["state_dict"])
+    ids = tokens()
+    assert torch.allclose(logits(module.lm, ids, False), logits(plain.lm, ids, False), atol=1e-6)
 
 
 def test_llama_key_value_heads_go_with_their_query_heads_and_shrink_exactly():
@@ -301,13 +321,15 @@ ARCHITECTURES = {  # name: (config class, model class, extra config)
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
     "opt (out_proj, no rotary)": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
+    "gpt-neox (packed per head)": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"intermediate_size": 64}),
 }
+MULTI_HEAD_ONLY = ("OPTConfig", "GPTNeoXConfig")  # no key/value heads of their own
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
     config_type, model_type, extra = ARCHITECTURES[name]
-    kv = {} if config_type == "OPTConfig" else {"num_key_value_heads": 2, "intermediate_size": 64}
+    kv = {} if config_type in MULTI_HEAD_ONLY else {"num_key_value_heads": 2, "intermediate_size": 64}
     config = getattr(transformers, config_type)(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
         max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kv, **extra,
@@ -320,14 +342,13 @@ def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
         result = compute_masks(model, lm_loss, [ids], settings)
     assert result.groups is not None
     heads = [g for g in result.groups.groups if g.readers]
-    assert len(heads) == 2 and all(g.size == (4 if config_type == "OPTConfig" else 2) for g in heads)
+    assert len(heads) == 2 and all(g.size == (4 if config_type in MULTI_HEAD_ONLY else 2) for g in heads)
     masked, small = copy.deepcopy(model), copy.deepcopy(model)
     apply_masks(masked, {**result.masks, **result.coupled})
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
-    for group in heads:
-        attention = small.get_submodule(group.attention)
-        assert attention.q_proj.weight.shape[0] == 16  # half the query heads
+    for group in heads:  # half the heads: half the rows of the (query or packed) projection
+        assert small.get_parameter(group.root).shape[0] == model.get_parameter(group.root).shape[0] // 2
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
@@ -381,6 +402,35 @@ def test_without_the_layout_llama_attention_stays_whole_by_the_search_bound(monk
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
     assert small.model.layers[0].mlp.down_proj.weight.shape[1] < 64
     assert small.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_positions_outside_a_tensor_from_the_graph_leave_its_group_whole_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Without its layout, torch-pruning's graph maps GPT-NeoX's packed query_key_value (split per
+    head, rotary on part of each head) to negative positions; structured pruning crashed on them
+    with an IndexError. The projection stays whole with the reason; the MLP width still shrinks."""
+    monkeypatch.setattr(channels, "_layout_heads", lambda *args: None)
+    config = transformers.GPTNeoXConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, ids = transformers.GPTNeoXForCausalLM(config), tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert result.groups is not None
+    for i in (0, 1):
+        why = result.groups.excluded[f"gpt_neox.layers.{i}.attention.query_key_value.weight"]
+        assert "maps its channels to positions -" in why and "which has 96" in why
+        assert result.groups.group_of(f"gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight") is not None
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    assert small.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.shape[0] < 64
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
