@@ -25,19 +25,18 @@ heads x head size rows each (Hugging Face's BERT family), and one packed `qkv` p
 3 x heads x head size rows (timm's `Attention`, and GPT-2's `c_attn`, whose `split_size` follows
 too). `nn.MultiheadAttention` (a bare `in_proj_weight`) is not grouped by head; it stays whole.
 
-**The Llama family's heads, from the layout.** In Hugging Face's Llama, Mistral, Qwen, Gemma
-and OPT attention (children `q_proj`, `k_proj`, `v_proj` and `o_proj` or `out_proj`, an integer
-`head_dim`), and in GPT-NeoX's (one `query_key_value` holding each head's query, key and value
-rows together, and `dense`; `head_size`), the head groups are read from the module rather than
-searched in the graph: rotary
-position embeddings concatenate the two halves of each head, and torch-pruning's search goes
-round that for ever (it is bounded, `SEARCH_REVISITS`, for the models this layout does not
-cover). With grouped-query attention a channel is one key/value head together with the query
-heads that read it, Hugging Face's `repeat_kv` order: of $h$ query heads on $h_{kv}$ key/value
-heads, query head $i$ reads key/value head $\\lfloor i h_{kv} / h \\rfloor$. These groups are
-removed here (the projections' rows and biases, the output projection's input columns, the
-`num_key_value_heads` and head counts the module holds), and checked by running them like the
-others; a module that uses its heads differently fails the check and stays whole.
+**The Llama family's heads, from the layout.** In Hugging Face's Llama, Mistral, Mixtral, Qwen,
+Gemma, OPT, GPT-J and Phi attention (children `q_proj`, `k_proj`, `v_proj` and `o_proj`, `out_proj`
+or `dense`, an integer `head_dim`), and in GPT-NeoX's (one `query_key_value` holding each head's
+query, key and value rows together, and `dense`; `head_size`), the head groups are read from the
+module rather than searched in the graph: rotary position embeddings concatenate the two halves of
+each head, and torch-pruning's search goes round that for ever (it is bounded, `SEARCH_REVISITS`,
+for the models these layouts do not cover). With grouped-query attention a channel is one key/value
+head together with the query heads that read it, Hugging Face's `repeat_kv` order: of $h$ query
+heads on $h_{kv}$ key/value heads, query head $i$ reads key/value head $\\lfloor i h_{kv} / h
+\\rfloor$. These groups are removed here (the projections' rows and biases, the output projection's
+input columns, the `num_key_value_heads` and head counts the module holds), and checked by running
+them like the others; a module that uses its heads differently fails the check and stays whole.
 
 **Hugging Face's `Conv1D`** (GPT-2's Linear) holds its weight as `(in, out)`, so its output
 channels are its weight's *columns*: [`Coupled.dim`][lightning_prospr.channels.Coupled] says which
@@ -88,10 +87,10 @@ INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim", "split_size")
 #: The key/value head count of a grouped-query attention module, where it keeps one.
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads",)
 #: Children of an attention module whose heads are grouped from its layout (Hugging Face's Llama
-#: family: Llama, Mistral, Qwen2, Gemma, ...): the query, key and value projections, and the output
-#: projection (`o_proj`; `out_proj` in OPT and BART).
+#: family: Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, ...): the query, key and value projections,
+#: and the output projection (`o_proj`; `out_proj` in OPT and GPT-J, `dense` in Phi).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-OUTPUT_PROJECTIONS = ("o_proj", "out_proj")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
 #: The packed projection, each head's query, key and value rows together, and the output
 #: projection of an attention module grouped from its layout (Hugging Face's GPT-NeoX / Pythia).
 PACKED_PROJECTION = ("query_key_value", "dense")

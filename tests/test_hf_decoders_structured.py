@@ -315,34 +315,54 @@ def test_llama_head_scores_sum_the_query_key_and_value_rows_of_each_key_value_he
         assert torch.equal(result.channel_masks[attention_names(layer)[1]], expected), layer
 
 
-ARCHITECTURES = {  # name: (config class, model class, extra config)
-    "qwen2 (q/k/v biases)": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3 (per-head q/k norms)": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
-    "opt (out_proj, no rotary)": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
-    "gpt-neox (packed per head)": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"intermediate_size": 64}),
+def decoder(config_type: str, model_type: str, **config: object) -> nn.Module:
+    """A 2-layer Hugging Face decoder of width 32 with 4 query heads, from its config."""
+    common = {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    torch.manual_seed(0)
+    return getattr(transformers, model_type)(getattr(transformers, config_type)(**common, **config))
+
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16}
+GQA = {**SIZES, "num_key_value_heads": 2, "intermediate_size": 64}
+ARCHITECTURES = {  # name: (config class, model class, config, key/value heads per layer)
+    "qwen2 (q/k/v biases)": ("Qwen2Config", "Qwen2ForCausalLM", GQA, 2),
+    "qwen3 (per-head q/k norms)": ("Qwen3Config", "Qwen3ForCausalLM", {**GQA, "head_dim": 8}, 2),
+    "mistral": ("MistralConfig", "MistralForCausalLM", GQA, 2),
+    "mixtral (experts)": ("MixtralConfig", "MixtralForCausalLM", {**GQA, "num_local_experts": 2}, 2),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**GQA, "head_dim": 8}, 2),
+    "opt (out_proj, no rotary)": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        {**SIZES, "ffn_dim": 64, "word_embed_proj_dim": 32},
+        4,
+    ),
+    "phi (dense, partial rotary)": ("PhiConfig", "PhiForCausalLM", {**SIZES, "intermediate_size": 64}, 4),
+    "gpt-j (out_proj, rotary)": (
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_positions": 16},
+        4,
+    ),
+    "gpt-neox (packed per head)": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {**SIZES, "intermediate_size": 64},
+        4,
+    ),
 }
-MULTI_HEAD_ONLY = ("OPTConfig", "GPTNeoXConfig")  # no key/value heads of their own
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
-    config_type, model_type, extra = ARCHITECTURES[name]
-    kv = {} if config_type in MULTI_HEAD_ONLY else {"num_key_value_heads": 2, "intermediate_size": 64}
-    config = getattr(transformers, config_type)(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kv, **extra,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model, ids = getattr(transformers, model_type)(config), tokens()
-    settings = PruningSettings(0.5, method="snip", structured=True, head_sparsity=0.5)
+    config_type, model_type, config, units = ARCHITECTURES[name]
+    model, ids = decoder(config_type, model_type, **config), tokens()
+    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform")  # half of each
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result = compute_masks(model, lm_loss, [ids], settings)
     assert result.groups is not None
     heads = [g for g in result.groups.groups if g.readers]
-    assert len(heads) == 2 and all(g.size == (4 if config_type in MULTI_HEAD_ONLY else 2) for g in heads)
+    assert len(heads) == 2 and all(g.size == units for g in heads)
     masked, small = copy.deepcopy(model), copy.deepcopy(model)
     apply_masks(masked, {**result.masks, **result.coupled})
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
@@ -351,6 +371,21 @@ def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
         assert small.get_parameter(group.root).shape[0] == model.get_parameter(group.root).shape[0] // 2
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_bloom_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
+    """Bloom's packed query_key_value has GPT-NeoX's layout, but its ALiBi biases are built for the
+    model's head count, outside the attention module: removing heads by the layout changes what it
+    computes, the check sees it, and the projection stays whole; the MLP width still shrinks."""
+    model, ids = decoder("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4), tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert result.groups is not None
+    for i in (0, 1):
+        why = result.groups.excluded[f"transformer.h.{i}.self_attention.query_key_value.weight"]
+        assert f"by the layout of `transformer.h.{i}.self_attention` does not give the masked" in why
+        assert result.groups.group_of(f"transformer.h.{i}.mlp.dense_h_to_4h.weight") is not None
 
 
 class TransposedHeads(nn.Module):
@@ -413,12 +448,7 @@ def test_positions_outside_a_tensor_from_the_graph_leave_its_group_whole_with_th
     head, rotary on part of each head) to negative positions; structured pruning crashed on them
     with an IndexError. The projection stays whole with the reason; the MLP width still shrinks."""
     monkeypatch.setattr(channels, "_layout_heads", lambda *args: None)
-    config = transformers.GPTNeoXConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model, ids = transformers.GPTNeoXForCausalLM(config), tokens()
+    model, ids = decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", **SIZES, intermediate_size=64), tokens()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
