@@ -441,26 +441,51 @@ def test_without_the_layout_llama_attention_stays_whole_by_the_search_bound(monk
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
+OUT_OF_RANGE = {  # name: (config, model, config, packed projection, MLP input layer, MLP width)
+    "gpt-neox, layout off": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {**SIZES, "intermediate_size": 64},
+        "gpt_neox.layers.{}.attention.query_key_value",
+        "gpt_neox.layers.{}.mlp.dense_h_to_4h",
+        64,
+    ),
+    "phi-3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        GQA,
+        "model.layers.{}.self_attn.qkv_proj",
+        "model.layers.{}.mlp.down_proj",
+        64,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_RANGE))
 def test_positions_outside_a_tensor_from_the_graph_leave_its_group_whole_with_the_reason(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str
 ):
-    """Without its layout, torch-pruning's graph maps GPT-NeoX's packed query_key_value (split per
-    head, rotary on part of each head) to negative positions; structured pruning crashed on them
-    with an IndexError. The projection stays whole with the reason; the MLP width still shrinks."""
+    """torch-pruning's graph maps a packed query/key/value projection to positions outside it:
+    GPT-NeoX's (split per head, rotary on part of each head; searched here with its layout off)
+    to negative ones, Phi-3's (all query rows, then key, then value, with grouped-query attention)
+    to ones past its end. Structured pruning crashed on them with an IndexError. The projection
+    stays whole with the reason; the MLP width still shrinks, exactly."""
     monkeypatch.setattr(channels, "_layout_heads", lambda *args: None)
-    model, ids = decoder("GPTNeoXConfig", "GPTNeoXForCausalLM", **SIZES, intermediate_size=64), tokens()
+    config_type, model_type, config, packed, mlp, width = OUT_OF_RANGE[name]
+    model, ids = decoder(config_type, model_type, **config), tokens()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
     assert result.groups is not None
+    rows = dict(model.named_parameters())[f"{packed.format(0)}.weight"].shape[0]
     for i in (0, 1):
-        why = result.groups.excluded[f"gpt_neox.layers.{i}.attention.query_key_value.weight"]
-        assert "maps its channels to positions -" in why and "which has 96" in why
-        assert result.groups.group_of(f"gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight") is not None
+        why = result.groups.excluded[f"{packed.format(i)}.weight"]
+        assert "maps its channels to positions" in why and f"which has {rows}" in why
     masked, small = copy.deepcopy(model), copy.deepcopy(model)
     apply_masks(masked, {**result.masks, **result.coupled})
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
-    assert small.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.shape[0] < 64
+    narrowed = small.get_submodule(mlp.format(0))
+    assert min(narrowed.in_features, narrowed.out_features) < width
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
