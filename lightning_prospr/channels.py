@@ -534,19 +534,18 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
 
 def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[ChannelGroup, str] | None:
     r"""The head group of the attention module whose query, key or value projection `name` is (or
-        whose packed projection, see `PACKED_PROJECTION`), read from the module's layout, as
-        `(group, "")`; None when `name` is not one, or when the projections are not all among the
-        pruned weights `names`.
+    whose packed projection, see `PACKED_PROJECTION`), read from the module's layout, as
+    `(group, "")`; None when `name` is not one, or when the projections are not all among the
+    pruned weights `names`.
 
-        The module declares its head size $d$ (`head_dim` or `head_size`). Separate projections: the
-        query projection has $h d$ rows, the key and value projections $h_{kv} d$ each, and the output
-        projection $h d$ input columns; the group's channels are the $h_{kv}$ key/value heads, each
-        with the $h / h_{kv}$ query heads that read it (query head $i$ reads key/value head
-        $\lfloor i h_{kv} / h
-    floor$, as Hugging Face's `repeat_kv` lays them out); without
-        grouped-query attention ($h_{kv} = h$) they are the heads. Packed: $3 h d$ rows, each head's
-        query, key and value rows one block of $3 d$ (GPT-NeoX's layout), and the output projection's
-        $h d$ columns; the channels are the $h$ heads."""
+    The module declares its head size $d$ (`head_dim` or `head_size`). Separate projections: the
+    query projection has $h d$ rows, the key and value projections $h_{kv} d$ each, and the output
+    projection $h d$ input columns; the group's channels are the $h_{kv}$ key/value heads, each
+    with the $h / h_{kv}$ query heads that read it (query head $i$ reads key/value head
+    $\lfloor i h_{kv} / h \rfloor$, as Hugging Face's `repeat_kv` lays them out); without
+    grouped-query attention ($h_{kv} = h$) they are the heads. Packed: $3 h d$ rows, each head's
+    query, key and value rows one block of $3 d$ (GPT-NeoX's layout), and the output projection's
+    $h d$ columns; the channels are the $h$ heads."""
     owner, _, leaf = name.rpartition(".")
     parent, _, child = owner.rpartition(".")
     if leaf != "weight" or child not in (*PROJECTIONS, PACKED_PROJECTION[0]):
