@@ -1,9 +1,10 @@
 """Structured pruning and shrink of Hugging Face's decoders. GPT-2's `Conv1D` holds its weight as
 `(in, out)`: the output channels are columns, the MLP width and the attention heads (of the packed
 `c_attn`) are removed whole, and the shrunk model computes what the masked one computes. The Llama
-family's attention heads are grouped from the module's layout, a key/value head with the query heads
-that read it (grouped-query attention); torch-pruning's own search round rotary embeddings never
-ends, and is bounded."""
+family's attention heads (and GPT-NeoX's packed ones) are grouped from the module's layout, a
+key/value head with the query heads that read it (grouped-query attention), and checked by running
+them (Bloom's fail the check and stay whole). torch-pruning's own search round rotary embeddings
+never ends, and is bounded; a group it maps outside a tensor (GPT-NeoX, Phi-3) stays whole."""
 
 from __future__ import annotations
 
