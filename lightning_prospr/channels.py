@@ -470,9 +470,8 @@ def _group_of(
                 None,
                 f"its channels reach {owner} ({type(target).__name__}), which this check does not cover",
             )
-    named = dict(model.named_parameters())
     for member in (*producers.values(), *dead.values()):
-        extent = int(named[member.name].shape[member.dim])
+        extent = int(model.get_parameter(member.name).shape[member.dim])
         if member.index.numel() and not (0 <= int(member.index.min()) <= int(member.index.max()) < extent):
             return None, (
                 f"torch-pruning's graph maps its channels to positions {int(member.index.min())} to "

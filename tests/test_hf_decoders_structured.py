@@ -156,15 +156,20 @@ def test_a_loss_that_turns_the_cache_on_gets_a_clear_error_and_an_unchanged_mode
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def llama(kv_heads: int = 2) -> nn.Module:
-    """A 2-layer Llama of width 32: 4 query heads of 8, `kv_heads` key/value heads, MLP width 64."""
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
-        eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
+def decoder(config_type: str, model_type: str, **config: object) -> nn.Module:
+    """A 2-layer Hugging Face decoder of width 32 with 4 query heads, from its config."""
+    common = {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return getattr(transformers, model_type)(getattr(transformers, config_type)(**common, **config))
+
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16}
+GQA = {**SIZES, "num_key_value_heads": 2, "intermediate_size": 64}
+
+
+def llama() -> nn.Module:
+    """A 2-layer Llama of width 32: 4 query heads of 8 on 2 key/value heads, MLP width 64."""
+    return decoder("LlamaConfig", "LlamaForCausalLM", **GQA)
 
 
 def attention_names(layer: int) -> list[str]:
@@ -316,15 +321,6 @@ def test_llama_head_scores_sum_the_query_key_and_value_rows_of_each_key_value_he
         assert torch.equal(result.channel_masks[attention_names(layer)[1]], expected), layer
 
 
-def decoder(config_type: str, model_type: str, **config: object) -> nn.Module:
-    """A 2-layer Hugging Face decoder of width 32 with 4 query heads, from its config."""
-    common = {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    torch.manual_seed(0)
-    return getattr(transformers, model_type)(getattr(transformers, config_type)(**common, **config))
-
-
-SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16}
-GQA = {**SIZES, "num_key_value_heads": 2, "intermediate_size": 64}
 ARCHITECTURES = {  # name: (config class, model class, config, key/value heads per layer)
     "qwen2 (q/k/v biases)": ("Qwen2Config", "Qwen2ForCausalLM", GQA, 2),
     "qwen3 (per-head q/k norms)": ("Qwen3Config", "Qwen3ForCausalLM", {**GQA, "head_dim": 8}, 2),
