@@ -28,7 +28,9 @@ too). `nn.MultiheadAttention` (a bare `in_proj_weight`) is not grouped by head; 
 **The Llama family's heads, from the layout.** In Hugging Face's Llama, Mistral, Mixtral, Qwen,
 Gemma, OPT, GPT-J and Phi attention (children `q_proj`, `k_proj`, `v_proj` and `o_proj`, `out_proj`
 or `dense`, an integer `head_dim`), and in GPT-NeoX's (one `query_key_value` holding each head's
-query, key and value rows together, and `dense`; `head_size`), the head groups are read from the
+query, key and value rows together, and `dense`; `head_size`) and Phi-3's (one `qkv_proj`
+holding all query rows, then all key rows, then all value rows, and `o_proj`; the module gets its
+own copy of the config, whose head counts its forward reads), the head groups are read from the
 module rather than searched in the graph: rotary position embeddings concatenate the two halves of
 each head, and torch-pruning's search goes round that for ever (it is bounded, `SEARCH_REVISITS`,
 for the models these layouts do not cover). With grouped-query attention a channel is one key/value
@@ -56,6 +58,7 @@ network is not the network that removing the channel gives.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,6 +97,9 @@ OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense")
 #: The packed projection, each head's query, key and value rows together, and the output
 #: projection of an attention module grouped from its layout (Hugging Face's GPT-NeoX / Pythia).
 PACKED_PROJECTION = ("query_key_value", "dense")
+#: The split projection, all query rows, then all key rows, then all value rows (with
+#: grouped-query attention), and the output projection (Hugging Face's Phi-3, Phi-3.5, Phi-4-mini).
+SPLIT_PROJECTION = ("qkv_proj", "o_proj")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -179,7 +185,8 @@ class ChannelGroup:
             (each a `Coupled`).
         dead_with: biases and norm scales and shifts of those channels, masked with them.
         rows: rows of the root weight per channel: 1, or, when the channels are the heads of an
-            attention module, a head's rows (its size; 3 x its size in a packed `qkv` weight).
+            attention module, a head's rows (its size; 3 x its size in a packed `qkv` weight; with
+            grouped-query attention, those of a key/value head and the query heads that read it).
         attention: that attention module's name (its head count is updated on removal), or `""`.
         readers: the input columns that read the channels (`dim` 1), when the group was found from
             its attention module's layout rather than torch-pruning's graph: the group is then
@@ -533,9 +540,9 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
 
 def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[ChannelGroup, str] | None:
     r"""The head group of the attention module whose query, key or value projection `name` is (or
-    whose packed projection, see `PACKED_PROJECTION`), read from the module's layout, as
-    `(group, "")`; None when `name` is not one, or when the projections are not all among the
-    pruned weights `names`.
+    whose packed or split projection, see `PACKED_PROJECTION` and `SPLIT_PROJECTION`), read from
+    the module's layout, as `(group, "")`; None when `name` is not one, or when the projections are
+    not all among the pruned weights `names`.
 
     The module declares its head size $d$ (`head_dim` or `head_size`). Separate projections: the
     query projection has $h d$ rows, the key and value projections $h_{kv} d$ each, and the output
@@ -544,16 +551,23 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
     $\lfloor i h_{kv} / h \rfloor$, as Hugging Face's `repeat_kv` lays them out); without
     grouped-query attention ($h_{kv} = h$) they are the heads. Packed: $3 h d$ rows, each head's
     query, key and value rows one block of $3 d$ (GPT-NeoX's layout), and the output projection's
-    $h d$ columns; the channels are the $h$ heads."""
+    $h d$ columns; the channels are the $h$ heads. Split: one projection of $(h + 2 h_{kv}) d$
+    rows, the $h d$ query rows, then the $h_{kv} d$ key rows, then the value rows (Phi-3's
+    layout), with $h_{kv}$ the module's `num_key_value_heads`; the channels are those of separate
+    projections."""
     owner, _, leaf = name.rpartition(".")
     parent, _, child = owner.rpartition(".")
-    if leaf != "weight" or child not in (*PROJECTIONS, PACKED_PROJECTION[0]):
+    layouts = {
+        **dict.fromkeys(PROJECTIONS, (PROJECTIONS, OUTPUT_PROJECTIONS)),
+        PACKED_PROJECTION[0]: (PACKED_PROJECTION[:1], PACKED_PROJECTION[1:]),
+        SPLIT_PROJECTION[0]: (SPLIT_PROJECTION[:1], SPLIT_PROJECTION[1:]),
+    }
+    if leaf != "weight" or child not in layouts:
         return None
     attention = model.get_submodule(parent)
     size = _int_attr(attention, HEAD_SIZE_ATTRS)
-    outputs = OUTPUT_PROJECTIONS if child in PROJECTIONS else PACKED_PROJECTION[1:]
+    inputs, outputs = layouts[child]
     o_name = next((n for n in outputs if isinstance(getattr(attention, n, None), nn.Linear)), None)
-    inputs = PROJECTIONS if child in PROJECTIONS else PACKED_PROJECTION[:1]
     layers = [getattr(attention, n, None) for n in inputs]
     if o_name is None or size is None or not all(isinstance(m, nn.Linear) for m in layers):
         return None
@@ -561,35 +575,51 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
     prefix = f"{parent}." if parent else ""
     if names is not None and any(f"{prefix}{n}.weight" not in names for n in inputs):
         return None  # not all pruned: the graph's own groups (rows, not heads), if it finds them
-    if child in PROJECTIONS:
-        q, k, v = linears
-        heads, kv = divmod(q.out_features, size), divmod(k.out_features, size)
-        if heads[1] or kv[1] or v.out_features != k.out_features or not kv[0] or heads[0] % kv[0]:
-            return None
-        channels, per = kv[0], heads[0] // kv[0]  # query heads per key/value head
-        blocks = [size * per, size, size]  # rows per channel in q, k, v
-    else:
-        heads = divmod(linears[0].out_features, 3 * size)
-        if heads[1] or not heads[0]:
-            return None
-        channels, per, blocks = heads[0], 1, [3 * size]
-    if o.in_features != channels * per * size:
+    heads = divmod(o.in_features, size)
+    if heads[1] or not heads[0]:
         return None
+    if inputs == PROJECTIONS:
+        q, k, v = linears
+        kv = divmod(k.out_features, size)
+        if q.out_features != o.in_features or kv[1] or v.out_features != k.out_features:
+            return None
+        channels = kv[0]
+    elif inputs == PACKED_PROJECTION[:1]:
+        channels = heads[0]
+        if linears[0].out_features != 3 * o.in_features:
+            return None
+    else:
+        kv_heads = _int_attr(attention, KV_HEAD_COUNT_ATTRS)
+        if kv_heads is None or linears[0].out_features != (heads[0] + 2 * kv_heads) * size:
+            return None
+        channels = kv_heads
+    if not channels or heads[0] % channels:
+        return None
+    per = heads[0] // channels  # query heads per channel
 
-    def coupled(tensor: str, extent: int, block: int, dim: int = 0) -> Coupled:
-        index = torch.arange(extent)
-        return Coupled(tensor, index, torch.div(index, block, rounding_mode="floor"), dim)
+    def coupled(tensor: str, channel_of_row: Tensor, dim: int = 0) -> Coupled:
+        return Coupled(tensor, torch.arange(channel_of_row.numel()), channel_of_row, dim)
 
-    named = [(f"{prefix}{n}", m, b) for n, m, b in zip(inputs, linears, blocks, strict=True)]
+    def blocks(count: int, block: int) -> Tensor:  # rows 0..count*block-1: channel row // block
+        return torch.arange(count * block) // block
+
+    if inputs == PROJECTIONS:
+        maps = [blocks(channels, per * size), blocks(channels, size), blocks(channels, size)]
+    elif inputs == PACKED_PROJECTION[:1]:
+        maps = [blocks(channels, 3 * size)]
+    else:
+        query, key = blocks(channels, per * size), blocks(channels, size)
+        maps = [torch.cat([query, key, key])]  # the value rows map like the key rows
+    named = [(f"{prefix}{n}", m, rows) for n, m, rows in zip(inputs, linears, maps, strict=True)]
     return (
         ChannelGroup(
             f"{prefix}{inputs[0]}.weight",
             channels,
-            tuple(coupled(f"{n}.weight", m.out_features, b) for n, m, b in named),
-            tuple(coupled(f"{n}.bias", m.out_features, b) for n, m, b in named if m.bias is not None),
-            rows=blocks[0],
+            tuple(coupled(f"{n}.weight", rows) for n, _, rows in named),
+            tuple(coupled(f"{n}.bias", rows) for n, m, rows in named if m.bias is not None),
+            rows=int((maps[0] == 0).sum()),
             attention=parent,
-            readers=(coupled(f"{prefix}{o_name}.weight", o.in_features, per * size, dim=1),),
+            readers=(coupled(f"{prefix}{o_name}.weight", blocks(channels, per * size), dim=1),),
         ),
         "",
     )
@@ -630,6 +660,8 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
                 per = group.readers[0].index.numel() // group.size // _head_size(module)
                 _set_head_count(module, kept * per)
                 _set_attrs(module, KV_HEAD_COUNT_ATTRS, kept)
+                if group.root.rpartition(".")[0].rpartition(".")[2] == SPLIT_PROJECTION[0]:
+                    _own_config(module, kept * per, kept)
             else:
                 _set_head_count(module, kept)
 
@@ -669,7 +701,21 @@ def _set_head_count(module: nn.Module, heads: int) -> None:
     _set_attrs(module, INNER_WIDTH_ATTRS, heads * _head_size(module))
 
 
-def _set_attrs(module: nn.Module, names: Sequence[str], value: int) -> None:
+def _own_config(module: nn.Module, heads: int, kv_heads: int) -> None:
+    """Give the attention module its own shallow copy of its `config` with the new head counts,
+    where it keeps one: Phi-3's forward splits its `qkv_proj` rows at
+    `config.num_attention_heads x head_dim`, and the config is shared by every layer (and the
+    model), whose head counts now differ. The model's own config keeps the dense counts."""
+    config = getattr(module, "config", None)
+    if config is None or not isinstance(getattr(config, HEAD_COUNT_ATTRS[0], None), int):
+        return
+    config = copy.copy(config)
+    setattr(config, HEAD_COUNT_ATTRS[0], heads)
+    _set_attrs(config, KV_HEAD_COUNT_ATTRS, kv_heads)
+    module.config = config
+
+
+def _set_attrs(module: Any, names: Sequence[str], value: int) -> None:
     """Set those of the attributes `names` that `module` holds as an int to `value`."""
     for attr in names:
         if isinstance(getattr(module, attr, None), int):

@@ -1,10 +1,11 @@
 """Structured pruning and shrink of Hugging Face's decoders. GPT-2's `Conv1D` holds its weight as
 `(in, out)`: the output channels are columns, the MLP width and the attention heads (of the packed
 `c_attn`) are removed whole, and the shrunk model computes what the masked one computes. The Llama
-family's attention heads (and GPT-NeoX's packed ones) are grouped from the module's layout, a
-key/value head with the query heads that read it (grouped-query attention), and checked by running
-them (Bloom's fail the check and stay whole). torch-pruning's own search round rotary embeddings
-never ends, and is bounded; a group it maps outside a tensor (GPT-NeoX, Phi-3) stays whole."""
+family's attention heads (and GPT-NeoX's packed ones, and Phi-3's split `qkv_proj`) are grouped
+from the module's layout, a key/value head with the query heads that read it (grouped-query
+attention), and checked by running them (Bloom's fail the check and stay whole). torch-pruning's
+own search round rotary embeddings never ends, and is bounded; a group it maps outside a tensor
+(GPT-NeoX, Phi-3, with their layouts off) stays whole."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prospr import ProsprPruningCallback, PruningSettings, channels, compute_masks, shrink
 from lightning_prospr.masking import apply_masks
+from lightning_prospr.pipeline import MaskResult
 
 transformers = pytest.importorskip("transformers")
 
@@ -340,6 +342,7 @@ ARCHITECTURES = {  # name: (config class, model class, config, key/value heads p
         {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_positions": 16},
         4,
     ),
+    "phi-3 (split qkv_proj)": ("Phi3Config", "Phi3ForCausalLM", GQA, 2),
     "gpt-neox (packed per head)": (
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
@@ -368,6 +371,70 @@ def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
         assert small.get_parameter(group.root).shape[0] == model.get_parameter(group.root).shape[0] // 2
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def phi3_attention_masks() -> tuple[nn.Module, torch.Tensor, list[str], MaskResult]:
+    """A Phi-3 (4 query heads of 8 on 2 key/value heads, one `qkv_proj` each layer) and the masks
+    of structured SNIP on its `qkv_proj` weights only, one of each layer's 2 units removed."""
+    model, ids = decoder("Phi3Config", "Phi3ForCausalLM", **GQA), tokens()
+    names = [f"model.layers.{i}.self_attn.qkv_proj.weight" for i in (0, 1)]
+    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform", parameters=names)
+    return model, ids, names, compute_masks(model, lm_loss, [ids], settings)
+
+
+def test_phi3_split_projection_removes_whole_units_and_matches_transformers_own_smaller_attention():
+    """Phi-3's `qkv_proj` holds all 32 query rows, then the 16 key rows, then the 16 value rows. A
+    unit is key/value head j with query heads 2j and 2j + 1: query rows 16j..16j+15, key rows
+    32+8j..32+8j+7 and value rows 48+8j..48+8j+7. Each shrunk attention module gets its own config
+    with its head counts (its forward splits the rows at `config.num_attention_heads x head_dim`);
+    the model's config keeps the dense counts. The shrunk model equals a copy whose attention
+    modules are transformers' own `Phi3Attention` built for 2 query heads on 1 key/value head,
+    given the kept rows and columns by plain indexing."""
+    model, ids, names, result = phi3_attention_masks()
+    assert result.groups is not None and not result.groups.excluded
+    small, by_hand = copy.deepcopy(model), copy.deepcopy(model)
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    config = copy.copy(model.config)  # transformers' config for 2 query heads of 8 on 1 key/value head
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 8
+    for layer, name in enumerate(names):
+        group = result.groups.group_of(name)
+        assert group is not None and (group.size, group.rows) == (2, 32)
+        assert [r.name for r in group.readers] == [f"model.layers.{layer}.self_attn.o_proj.weight"]
+        rows = result.channel_masks[name]
+        kept = int(rows[32:48].reshape(2, 8)[:, 0].nonzero())
+        unit = torch.arange(64)
+        expected = torch.where(
+            unit < 32, unit // 16, torch.where(unit < 48, (unit - 32) // 8, (unit - 48) // 8)
+        )
+        assert torch.equal(rows, expected == kept)
+        attention = small.model.layers[layer].self_attn
+        assert attention.qkv_proj.weight.shape == (32, 32) and attention.o_proj.weight.shape == (32, 16)
+        assert (attention.config.num_attention_heads, attention.num_key_value_heads) == (2, 1)
+        # independent of the package: transformers' own smaller attention, given the kept rows
+        dense = by_hand.model.layers[layer].self_attn
+        cut = transformers.models.phi3.modeling_phi3.Phi3Attention(config, layer)
+        cut.qkv_proj.weight = nn.Parameter(dense.qkv_proj.weight[rows].detach().clone())
+        cut.o_proj.weight = nn.Parameter(dense.o_proj.weight[:, rows[:32]].detach().clone())
+        by_hand.model.layers[layer].self_attn = cut
+    assert small.config.num_attention_heads == 4 and small.config.num_key_value_heads == 2
+    masked = copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    c = logits(by_hand, ids, False)
+    assert torch.allclose(logits(small, ids, False), c, rtol=1e-4, atol=1e-5 * float(c.abs().max()))
+    assert_same_network(masked, small, ids)
+
+
+def test_phi3_heads_stay_whole_by_the_check_when_the_attention_keeps_the_dense_head_counts(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Without its own config, a shrunk Phi-3 attention splits its rows at the dense query width:
+    removing the heads no longer gives the masked network, and the check leaves them whole (here,
+    with nothing else to prune, an error that names them)."""
+    monkeypatch.setattr(channels, "_own_config", lambda *args: None)
+    with pytest.raises(ValueError, match="structured pruning found no channel group") as caught:
+        phi3_attention_masks()
+    for i in (0, 1):
+        assert f"by the layout of `model.layers.{i}.self_attn` does not give the masked" in str(caught.value)
 
 
 def test_bloom_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
