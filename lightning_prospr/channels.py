@@ -36,7 +36,9 @@ each head, and torch-pruning's search goes round that for ever (it is bounded, `
 for the models these layouts do not cover). With grouped-query attention a channel is one key/value
 head together with the query heads that read it, Hugging Face's `repeat_kv` order: of $h$ query
 heads on $h_{kv}$ key/value heads, query head $i$ reads key/value head $\\lfloor i h_{kv} / h
-\\rfloor$. These groups are removed here (the projections' rows and biases, the output projection's
+\\rfloor$; with one key/value head for all query heads (multi-query attention) a channel is a query
+head, with its output projection columns, and the key and value projections stay whole. These
+groups are removed here (the projections' rows and biases, the output projection's
 input columns, the `num_key_value_heads` and head counts the module holds), and checked by running
 them like the others; a module that uses its heads differently fails the check and stays whole.
 
@@ -87,8 +89,10 @@ HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads")
 #: Attributes that hold the width heads x head size (Hugging Face's BERT and GPT-2, timm).
 INNER_WIDTH_ATTRS = ("all_head_size", "attn_dim", "split_size")
-#: The key/value head count of a grouped-query attention module, where it keeps one.
+#: The key/value head count of a grouped-query attention module, where it keeps one, and its
+#: query heads per key/value head.
 KV_HEAD_COUNT_ATTRS = ("num_key_value_heads",)
+KV_GROUP_ATTRS = ("num_key_value_groups",)
 #: Children of an attention module whose heads are grouped from its layout (Hugging Face's Llama
 #: family: Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, ...): the query, key and value projections,
 #: and the output projection (`o_proj`; `out_proj` in OPT and GPT-J, `dense` in Phi).
@@ -191,6 +195,11 @@ class ChannelGroup:
         readers: the input columns that read the channels (`dim` 1), when the group was found from
             its attention module's layout rather than torch-pruning's graph: the group is then
             removed here, its producers' rows and biases and these columns, without the graph.
+        shared_key_value: the channels are query heads that read the attention module's one
+            key/value head (multi-query attention, found from its layout): the key/value head
+            stays, and the module's `num_key_value_groups` follows the removal. A head whose query
+            rows are masked still outputs the mean of the shared values, so its readers' columns
+            are in `dead_with` too, masked with it.
     """
 
     root: str
@@ -200,6 +209,7 @@ class ChannelGroup:
     rows: int = 1
     attention: str = ""
     readers: tuple[Coupled, ...] = ()
+    shared_key_value: bool = False
 
     def scores(self, channel_scores: Mapping[str, Tensor]) -> Tensor:
         """The group's score per channel: the sum of its producers' channel scores."""
@@ -446,6 +456,10 @@ def _group_of(
             f"with more than {SEARCH_REVISITS} different index sets; rotary position embeddings, which "
             "concatenate the halves of each head, do this)"
         )
+    except Exception as err:  # torch-pruning's own index mapping failed (Falcon's grouped heads)
+        return None, (
+            f"torch-pruning's search for the channels coupled with it failed ({type(err).__name__}: {err})"
+        )
     where = _module_names(model)
     producers: dict[str, Coupled] = {}
     dead: dict[str, Coupled] = {}
@@ -538,7 +552,9 @@ def _as_heads(model: nn.Module, group: ChannelGroup) -> ChannelGroup | None:
     )
 
 
-def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[ChannelGroup, str] | None:
+def _layout_heads(
+    model: nn.Module, name: str, names: set[str] | None
+) -> tuple[ChannelGroup | None, str] | None:
     r"""The head group of the attention module whose query, key or value projection `name` is (or
     whose packed or split projection, see `PACKED_PROJECTION` and `SPLIT_PROJECTION`), read from
     the module's layout, as `(group, "")`; None when `name` is not one, or when the projections are
@@ -554,7 +570,9 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
     $h d$ columns; the channels are the $h$ heads. Split: one projection of $(h + 2 h_{kv}) d$
     rows, the $h d$ query rows, then the $h_{kv} d$ key rows, then the value rows (Phi-3's
     layout), with $h_{kv}$ the module's `num_key_value_heads`; the channels are those of separate
-    projections."""
+    projections. With one key/value head for several query heads (multi-query attention, $h_{kv}
+    = 1 < h$) the channels are the $h$ query heads, their query rows and output columns; the key
+    and value rows stay whole, and a key or value projection's `name` gives `(None, why)`."""
     owner, _, leaf = name.rpartition(".")
     parent, _, child = owner.rpartition(".")
     layouts = {
@@ -596,6 +614,15 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
     if not channels or heads[0] % channels:
         return None
     per = heads[0] // channels  # query heads per channel
+    multi_query = channels == 1 and per > 1  # one key/value head (not packed: channels = heads)
+    if multi_query:
+        if child in PROJECTIONS[1:]:
+            return None, (
+                f"`{parent}` has one key/value head, read by all its {per} query heads "
+                "(multi-query attention): the key and value projections stay whole, and the query "
+                "heads are the channels"
+            )
+        channels, per, inputs, linears = heads[0], 1, inputs[:1], linears[:1]
 
     def coupled(tensor: str, channel_of_row: Tensor, dim: int = 0) -> Coupled:
         return Coupled(tensor, torch.arange(channel_of_row.numel()), channel_of_row, dim)
@@ -603,7 +630,9 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
     def blocks(count: int, block: int) -> Tensor:  # rows 0..count*block-1: channel row // block
         return torch.arange(count * block) // block
 
-    if inputs == PROJECTIONS:
+    if multi_query:  # the query heads' rows (the first h d rows of a split projection)
+        maps = [blocks(channels, size)]
+    elif inputs == PROJECTIONS:
         maps = [blocks(channels, per * size), blocks(channels, size), blocks(channels, size)]
     elif inputs == PACKED_PROJECTION[:1]:
         maps = [blocks(channels, 3 * size)]
@@ -611,15 +640,19 @@ def _layout_heads(model: nn.Module, name: str, names: set[str] | None) -> tuple[
         query, key = blocks(channels, per * size), blocks(channels, size)
         maps = [torch.cat([query, key, key])]  # the value rows map like the key rows
     named = [(f"{prefix}{n}", m, rows) for n, m, rows in zip(inputs, linears, maps, strict=True)]
+    readers = (coupled(f"{prefix}{o_name}.weight", blocks(channels, per * size), dim=1),)
+    biases = tuple(coupled(f"{n}.bias", rows) for n, m, rows in named if m.bias is not None)
     return (
         ChannelGroup(
             f"{prefix}{inputs[0]}.weight",
             channels,
             tuple(coupled(f"{n}.weight", rows) for n, _, rows in named),
-            tuple(coupled(f"{n}.bias", rows) for n, m, rows in named if m.bias is not None),
+            # a query head with no query rows still averages the shared values: its output columns die too
+            biases + readers if multi_query else biases,
             rows=int((maps[0] == 0).sum()),
             attention=parent,
-            readers=(coupled(f"{prefix}{o_name}.weight", blocks(channels, per * size), dim=1),),
+            readers=readers,
+            shared_key_value=multi_query,
         ),
         "",
     )
@@ -642,6 +675,12 @@ def _members(group: ChannelGroup) -> list[str]:
     return [m.name for m in (*group.producers, *group.dead_with)]
 
 
+def _row_members(group: ChannelGroup) -> set[str]:
+    """The members whose rows are the group's channels: not its readers (an output projection's
+    columns, masked with a multi-query head), whose rows may be another group's."""
+    return set(_members(group)) - {r.name for r in group.readers}
+
+
 def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup, Sequence[int]]) -> None:
     """Remove the given channels of each group, in place: through torch-pruning's graph, or for a
     group found from its attention module's layout (`readers`), by that layout."""
@@ -656,12 +695,18 @@ def remove_channels(graph: Any, model: nn.Module, removed: Mapping[ChannelGroup,
             graph.get_pruning_group(module, out_channel_handler(module), idxs=rows).prune()
         if group.attention:
             kept, module = group.size - len(set(channels)), model.get_submodule(group.attention)
-            if group.readers:  # a channel: a key/value head and the query heads that read it
+            if group.readers:  # a channel: a key/value head and the query heads that read it, or
+                # (multi-query attention) a query head
                 per = group.readers[0].index.numel() // group.size // _head_size(module)
+                if group.shared_key_value:  # multi-query: the query heads on one key/value head
+                    kv_heads = 1
+                    _set_attrs(module, KV_GROUP_ATTRS, kept)
+                else:
+                    kv_heads = kept
+                    _set_attrs(module, KV_HEAD_COUNT_ATTRS, kept)
                 _set_head_count(module, kept * per)
-                _set_attrs(module, KV_HEAD_COUNT_ATTRS, kept)
                 if group.root.rpartition(".")[0].rpartition(".")[2] == SPLIT_PROJECTION[0]:
-                    _own_config(module, kept * per, kept)
+                    _own_config(module, kept * per, kv_heads)
             else:
                 _set_head_count(module, kept)
 
@@ -759,7 +804,7 @@ def channel_groups(
     wanted = set(names) if closed else None
     found = ChannelGroups()
     for name in names:
-        if any(name in _members(g) for g in found.groups) or name in found.excluded:
+        if any(name in _row_members(g) for g in found.groups) or name in found.excluded:
             continue
         group, why = _layout_heads(model, name, wanted) or _group_of(graph, model, name, wanted)
         if group is None:

@@ -134,8 +134,9 @@ def select_channels(
         )
         chosen = {**chosen, **guarded}
     expanded: dict[str, Tensor] = {}
-    for group in groups:
-        expanded.update(group.expand(chosen[group.root], shapes))
+    for group in groups:  # a tensor in two groups (rows in one, columns in another) keeps both masks
+        for name, mask in group.expand(chosen[group.root], shapes).items():
+            expanded[name] = expanded[name] & mask if name in expanded else mask
     producers = {m.name for g in groups for m in g.producers}
     device = {n: named[parameter_key(named, n)].device for n in shapes}
     masks = {n: expanded[n].clone().to(device[n]) for n in run.names if n in producers}

@@ -167,6 +167,7 @@ def decoder(config_type: str, model_type: str, **config: object) -> nn.Module:
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16}
 GQA = {**SIZES, "num_key_value_heads": 2, "intermediate_size": 64}
+MQA = {**GQA, "num_key_value_heads": 1}  # multi-query attention: one key/value head
 
 
 def llama() -> nn.Module:
@@ -343,6 +344,18 @@ ARCHITECTURES = {  # name: (config class, model class, config, key/value heads p
         4,
     ),
     "phi-3 (split qkv_proj)": ("Phi3Config", "Phi3ForCausalLM", GQA, 2),
+    "gemma-3 (sliding window, q/k norms)": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {**GQA, "head_dim": 8},
+        2,
+    ),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", GQA, 2),
+    "cohere (parallel block)": ("CohereConfig", "CohereForCausalLM", GQA, 2),
+    "starcoder2 (biases)": ("Starcoder2Config", "Starcoder2ForCausalLM", GQA, 2),
+    "llama, multi-query (query heads)": ("LlamaConfig", "LlamaForCausalLM", MQA, 4),
+    "gemma, multi-query (gemma-2b)": ("GemmaConfig", "GemmaForCausalLM", {**MQA, "head_dim": 8}, 4),
+    "phi-3, multi-query": ("Phi3Config", "Phi3ForCausalLM", MQA, 4),
     "gpt-neox (packed per head)": (
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
@@ -367,8 +380,11 @@ def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
     apply_masks(masked, {**result.masks, **result.coupled})
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
-    for group in heads:  # half the heads: half the rows of the (query or packed) projection
-        assert small.get_parameter(group.root).shape[0] == model.get_parameter(group.root).shape[0] // 2
+    for group in heads:  # half the heads: half the group's rows of the (query or packed) projection
+        rows = next(m for m in group.producers if m.name == group.root).index.numel()
+        assert (
+            small.get_parameter(group.root).shape[0] == model.get_parameter(group.root).shape[0] - rows // 2
+        )
     a, b = logits(masked, ids, False), logits(small, ids, False)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
@@ -437,6 +453,57 @@ def test_phi3_heads_stay_whole_by_the_check_when_the_attention_keeps_the_dense_h
         assert f"by the layout of `model.layers.{i}.self_attn` does not give the masked" in str(caught.value)
 
 
+def test_multi_query_attention_removes_query_heads_and_their_output_columns_and_keeps_the_shared_head():
+    """One key/value head read by 4 query heads (multi-query attention, as in Gemma-2B): a unit per
+    query head, its 8 query rows and its 8 output columns, which are masked too (a head whose
+    query rows are zero still averages the shared values). The key and value projections stay
+    whole, with the reason. The shrunk model equals a copy whose attention modules are
+    transformers' own `LlamaAttention` built for 2 query heads on 1 key/value head, given the
+    kept rows and columns by plain indexing."""
+    model, ids = decoder("LlamaConfig", "LlamaForCausalLM", **MQA), tokens()
+    names = [n for i in (0, 1) for n in attention_names(i)]
+    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform", parameters=names)
+    result = compute_masks(model, lm_loss, [ids], settings)
+    assert result.groups is not None
+    small, by_hand = copy.deepcopy(model), copy.deepcopy(model)
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    config = copy.copy(model.config)  # transformers' config for 2 query heads of 8 on 1 key/value head
+    config.num_attention_heads, config.head_dim = 2, 8
+    for layer in (0, 1):
+        q_name, k_name, v_name = attention_names(layer)
+        for name in (k_name, v_name):
+            assert "one key/value head, read by all its 4 query heads" in result.groups.excluded[name]
+        group = result.groups.group_of(q_name)
+        assert group is not None and (group.size, group.rows, group.shared_key_value) == (4, 8, True)
+        rows = result.channel_masks[q_name]
+        assert int(rows.sum()) == 16 and torch.equal(
+            rows, (rows.reshape(4, 8)[:, :1]).expand(4, 8).reshape(-1)
+        )
+        o_name = f"model.layers.{layer}.self_attn.o_proj.weight"
+        assert torch.equal(result.coupled[o_name], rows.expand(32, 32))  # the dead heads' columns
+        attention = small.model.layers[layer].self_attn
+        assert attention.q_proj.weight.shape == (16, 32) and attention.o_proj.weight.shape == (32, 16)
+        assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (8, 32)
+        assert attention.num_key_value_groups == 2
+        # independent of the package: transformers' own smaller attention, given the kept rows
+        dense = by_hand.model.layers[layer].self_attn
+        cut = transformers.models.llama.modeling_llama.LlamaAttention(config, layer)
+        cut.load_state_dict(
+            {
+                "q_proj.weight": dense.q_proj.weight[rows],
+                "k_proj.weight": dense.k_proj.weight,
+                "v_proj.weight": dense.v_proj.weight,
+                "o_proj.weight": dense.o_proj.weight[:, rows],
+            }
+        )
+        by_hand.model.layers[layer].self_attn = cut
+    masked = copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    c = logits(by_hand, ids, False)
+    assert torch.allclose(logits(small, ids, False), c, rtol=1e-4, atol=1e-5 * float(c.abs().max()))
+    assert_same_network(masked, small, ids)
+
+
 def test_bloom_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
     """Bloom's packed query_key_value has GPT-NeoX's layout, but its ALiBi biases are built for the
     model's head count, outside the attention module: removing heads by the layout changes what it
@@ -450,6 +517,44 @@ def test_bloom_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
         why = result.groups.excluded[f"transformer.h.{i}.self_attention.query_key_value.weight"]
         assert f"by the layout of `transformer.h.{i}.self_attention` does not give the masked" in why
         assert result.groups.group_of(f"transformer.h.{i}.mlp.dense_h_to_4h.weight") is not None
+
+
+def test_olmo2_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
+    """OLMo-2 normalizes the query and key projections over all heads at once (`q_norm` over
+    heads x head size): removing a head changes the others' normalization, the check sees it, and
+    the projections stay whole; the MLP width still shrinks."""
+    model, ids = decoder("Olmo2Config", "Olmo2ForCausalLM", **GQA), tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert result.groups is not None
+    for i in (0, 1):
+        for name in attention_names(i):
+            assert "by the layout of `model.layers" in result.groups.excluded[name]
+        assert result.groups.group_of(f"model.layers.{i}.mlp.gate_proj.weight") is not None
+
+
+def test_a_failure_inside_torch_prunings_search_leaves_that_group_whole_with_the_reason():
+    """Falcon's grouped heads (`new_decoder_architecture`, 4 query heads on 2 key/value heads in
+    one `query_key_value`) made torch-pruning's own index mapping divide by zero, and structured
+    pruning crashed. That projection now stays whole with torch-pruning's error as the reason; the
+    MLP width shrinks, and the masked network equals the shrunk one."""
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2}
+    model = decoder("FalconConfig", "FalconForCausalLM", new_decoder_architecture=True, **config)
+    ids = tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    assert result.groups is not None
+    for i in (0, 1):
+        why = result.groups.excluded[f"transformer.h.{i}.self_attention.query_key_value.weight"]
+        assert "torch-pruning's search for the channels coupled with it failed (ZeroDivisionError" in why
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
+    assert small.transformer.h[0].mlp.dense_h_to_4h.out_features < 128
+    a, b = logits(masked, ids, False), logits(small, ids, False)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
 class TransposedHeads(nn.Module):
@@ -477,6 +582,52 @@ def test_a_module_named_like_llama_attention_that_mixes_its_heads_stays_whole_wi
     found = channels.channel_groups(model, lambda m, b: m(b).square().mean(), x, names)
     assert all("by the layout of `1`" in found.excluded[n] for n in names) and not found.groups
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+class MultiQuery(nn.Module):
+    """Llama-named multi-query attention: 2 query heads of 4 on one key/value head, and an output
+    projection to 6 channels that are not a residual stream (they feed a plain Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dim = 4
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.o_proj = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim)).transpose(0, 1)  # (head, position, size)
+        out = torch.softmax(q @ self.k_proj(x).T, dim=-1) @ self.v_proj(x)
+        return self.o_proj(out.transpose(0, 1).flatten(1))
+
+
+def test_output_projection_rows_and_the_columns_of_multi_query_heads_keep_both_masks():
+    """`o_proj` is in two groups: its columns die with the query heads, and its rows are channels
+    of their own (read by the next Linear). Its mask keeps both; the masked network equals the
+    shrunk one, in which `o_proj` lost rows and columns."""
+    model, x = nn.Sequential(nn.Linear(8, 8), MultiQuery(), nn.ReLU(), nn.Linear(6, 3)), torch.randn(5, 8)
+
+    def loss(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return m(b).square().mean()
+
+    names = ["1.q_proj.weight", "1.k_proj.weight", "1.v_proj.weight", "1.o_proj.weight"]
+    settings = PruningSettings(
+        0.5, method="magnitude", structured=True, allocation="uniform", parameters=names
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = compute_masks(model, loss, [x], settings)
+    assert result.groups is not None and len(result.groups.groups) == 2
+    heads = result.channel_masks["1.q_proj.weight"].reshape(2, 4)[:, 0]
+    rows = result.channel_masks["1.o_proj.weight"]
+    assert int(heads.sum()) == 1 and int(rows.sum()) == 3
+    o_mask = result.masks["1.o_proj.weight"]
+    assert torch.equal(o_mask, rows[:, None] & heads.repeat_interleave(4)[None, :])
+    masked, small = copy.deepcopy(model), copy.deepcopy(model)
+    apply_masks(masked, {**result.masks, **result.coupled})
+    shrink(small, result.channel_masks, x, loss_fn=loss)
+    assert small[1].o_proj.weight.shape == (3, 4) and small[3].weight.shape == (3, 3)
+    with torch.no_grad():
+        assert torch.allclose(masked(x), small(x), atol=1e-6)
 
 
 @pytest.mark.timeout(300)
