@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -324,6 +325,15 @@ def test_llama_head_scores_sum_the_query_key_and_value_rows_of_each_key_value_he
         assert torch.equal(result.channel_masks[attention_names(layer)[1]], expected), layer
 
 
+def structured_snip(model: nn.Module, ids: torch.Tensor, **settings: Any) -> MaskResult:
+    """Structured SNIP masks at 50 %, the warning about weights kept whole silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return compute_masks(
+            model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True, **settings)
+        )
+
+
 ARCHITECTURES = {  # name: (config class, model class, config, key/value heads per layer)
     "qwen2 (q/k/v biases)": ("Qwen2Config", "Qwen2ForCausalLM", GQA, 2),
     "qwen3 (per-head q/k norms)": ("Qwen3Config", "Qwen3ForCausalLM", {**GQA, "head_dim": 8}, 2),
@@ -369,10 +379,7 @@ ARCHITECTURES = {  # name: (config class, model class, config, key/value heads p
 def test_the_llama_family_layout_finds_the_heads_of_other_decoders(name: str):
     config_type, model_type, config, units = ARCHITECTURES[name]
     model, ids = decoder(config_type, model_type, **config), tokens()
-    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform")  # half of each
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = compute_masks(model, lm_loss, [ids], settings)
+    result = structured_snip(model, ids, allocation="uniform")  # half of each group
     assert result.groups is not None
     heads = [g for g in result.groups.groups if g.readers]
     assert len(heads) == 2 and all(g.size == units for g in heads)
@@ -509,9 +516,7 @@ def test_bloom_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
     model's head count, outside the attention module: removing heads by the layout changes what it
     computes, the check sees it, and the projection stays whole; the MLP width still shrinks."""
     model, ids = decoder("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4), tokens()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    result = structured_snip(model, ids)
     assert result.groups is not None
     for i in (0, 1):
         why = result.groups.excluded[f"transformer.h.{i}.self_attention.query_key_value.weight"]
@@ -524,9 +529,7 @@ def test_olmo2_heads_fail_the_layout_check_and_stay_whole_with_the_reason():
     heads x head size): removing a head changes the others' normalization, the check sees it, and
     the projections stay whole; the MLP width still shrinks."""
     model, ids = decoder("Olmo2Config", "Olmo2ForCausalLM", **GQA), tokens()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    result = structured_snip(model, ids)
     assert result.groups is not None
     for i in (0, 1):
         for name in attention_names(i):
@@ -542,9 +545,7 @@ def test_a_failure_inside_torch_prunings_search_leaves_that_group_whole_with_the
     config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_kv_heads": 2}
     model = decoder("FalconConfig", "FalconForCausalLM", new_decoder_architecture=True, **config)
     ids = tokens()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    result = structured_snip(model, ids)
     assert result.groups is not None
     for i in (0, 1):
         why = result.groups.excluded[f"transformer.h.{i}.self_attention.query_key_value.weight"]
@@ -557,15 +558,20 @@ def test_a_failure_inside_torch_prunings_search_leaves_that_group_whole_with_the
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
-class TransposedHeads(nn.Module):
-    """Named like Llama's attention, but the output projection reads the heads' outputs
-    interleaved, `(position, head size, head)`: the layout's rows are then the wrong ones."""
+class NamedLikeLlama(nn.Module):
+    """Projections named like Llama's attention: 2 query heads of 4 on an input of width 8, key and
+    value projections of `kv` rows, an output projection to `out` channels."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv: int = 8, out: int = 8) -> None:
         super().__init__()
         self.head_dim = 4
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-        self.o_proj = nn.Linear(8, 8)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, kv), nn.Linear(8, kv)
+        self.o_proj = nn.Linear(8, out)
+
+
+class TransposedHeads(NamedLikeLlama):
+    """Named like Llama's attention, but the output projection reads the heads' outputs
+    interleaved, `(position, head size, head)`: the layout's rows are then the wrong ones."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
@@ -584,15 +590,12 @@ def test_a_module_named_like_llama_attention_that_mixes_its_heads_stays_whole_wi
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
 
-class MultiQuery(nn.Module):
+class MultiQuery(NamedLikeLlama):
     """Llama-named multi-query attention: 2 query heads of 4 on one key/value head, and an output
     projection to 6 channels that are not a residual stream (they feed a plain Linear)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.head_dim = 4
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
-        self.o_proj = nn.Linear(8, 6)
+        super().__init__(kv=4, out=6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (-1, self.head_dim)).transpose(0, 1)  # (head, position, size)
@@ -688,9 +691,7 @@ def test_positions_outside_a_tensor_from_the_graph_leave_its_group_whole_with_th
     monkeypatch.setattr(channels, "_layout_heads", lambda *args: None)
     config_type, model_type, config, packed, mlp, width = OUT_OF_RANGE[name]
     model, ids = decoder(config_type, model_type, **config), tokens()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        result = compute_masks(model, lm_loss, [ids], PruningSettings(0.5, method="snip", structured=True))
+    result = structured_snip(model, ids)
     assert result.groups is not None
     rows = dict(model.named_parameters())[f"{packed.format(0)}.weight"].shape[0]
     for i in (0, 1):
