@@ -767,14 +767,40 @@ def _set_attrs(module: Any, names: Sequence[str], value: int) -> None:
             setattr(module, attr, value)
 
 
+#: The seed and scale of the values `_fill_zeros` gives to parameters that are all zeros.
+FILL_SEED, FILL_SCALE = 20_231, 0.1
+
+
+def _fill_zeros(model: nn.Module) -> None:
+    r"""Replace every floating-point parameter that is all zeros (a zero-initialized classifier,
+    timm's `zero_init_last` BatchNorm scales, biases) with a new one of values drawn from
+    $\mathcal{N}(0, 0.1^2)$ (its own generator: the global RNG is not touched), tied parameters
+    staying tied; to be undone by `rollback`. A removal that is right for some values and wrong
+    for others (a bias of a removed channel left out) would pass a check at zero: a zero head, or
+    a residual branch that ends in a zero scale, hides every difference before it."""
+    generator = torch.Generator().manual_seed(FILL_SEED)
+    filled: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        parameters = module_tables(module)[0]
+        for name, param in list(parameters.items()):
+            if param is None or not param.is_floating_point() or bool(param.detach().any()):
+                continue
+            if id(param) not in filled:
+                values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * FILL_SCALE
+                filled[id(param)] = nn.Parameter(values.to(param.device, param.dtype), param.requires_grad)
+            parameters[name] = filled[id(param)]
+
+
 def check_removal(
     model: nn.Module, loss_fn: LossFn, batch: Any, removed: Mapping[ChannelGroup, Sequence[int]]
 ) -> float:
     """Remove the channels (in place, then undone) and compare with masking them: the largest
-    relative difference of the predictions."""
-    reference = predictions(model, loss_fn, batch, _masked_tensors(model, removed))
+    relative difference of the predictions, with every parameter that is all zeros given random
+    values first (`_fill_zeros`)."""
     with rollback(model) as undo:
         try:
+            _fill_zeros(model)
+            reference = predictions(model, loss_fn, batch, _masked_tensors(model, removed))
             remove_channels(build_graph(model, loss_fn, batch), model, removed)
             return _agree(reference, predictions(model, loss_fn, batch))
         except Exception:  # the graph's removal itself failed

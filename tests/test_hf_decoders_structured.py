@@ -575,7 +575,8 @@ class TransposedHeads(NamedLikeLlama):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
-            p(x).unflatten(-1, (2, 4)).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj)
+            p(x).unflatten(-1, (-1, self.head_dim)).transpose(0, 1)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # (head, position, head size)
         return self.o_proj(out.permute(1, 2, 0).flatten(1))
@@ -588,6 +589,28 @@ def test_a_module_named_like_llama_attention_that_mixes_its_heads_stays_whole_wi
     found = channels.channel_groups(model, lambda m, b: m(b).square().mean(), x, names)
     assert all("by the layout of `1`" in found.excluded[n] for n in names) and not found.groups
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_a_zero_initialized_head_does_not_hide_a_wrong_removal_from_the_check(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Behind a zero-initialized classifier every removal computes the same predictions (zeros),
+    so a check at those values would accept the mixed heads above, and the shrunk network would
+    part from the masked one once the classifier trains. The check gives all-zero parameters
+    random values first, and the heads stay whole; without that, they would pass."""
+    head = nn.Linear(8, 3)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    model, x = nn.Sequential(nn.Linear(8, 8), TransposedHeads(), head), torch.randn(5, 8)
+    names = [f"1.{w}_proj.weight" for w in "qkv"]
+
+    def loss(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return m(b).square().mean()
+
+    found = channels.channel_groups(model, loss, x, names)
+    assert all("by the layout of `1`" in found.excluded[n] for n in names) and not found.groups
+    assert not head.weight.any() and not head.bias.any()  # the fill was undone
+    monkeypatch.setattr(channels, "_fill_zeros", lambda model: None)
+    assert len(channels.channel_groups(model, loss, x, names).groups) == 1
 
 
 class MultiQuery(NamedLikeLlama):
