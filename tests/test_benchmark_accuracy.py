@@ -291,6 +291,7 @@ def test_verdict_chooses_our_variant_on_validation_and_the_baseline_on_test() ->
     [
         ("mnist", "results.md"),
         ("mnist", "study.md"),
+        ("cifar10-short-study", "study.md"),
         ("cifar10-short", "results.md"),
         ("cifar10_bf16_check/bf16", "results.md"),
         ("cifar10_bf16_check/32", "results.md"),
