@@ -104,6 +104,12 @@ PACKED_PROJECTION = ("query_key_value", "dense")
 #: The split projection, all query rows, then all key rows, then all value rows (with
 #: grouped-query attention), and the output projection (Hugging Face's Phi-3, Phi-3.5, Phi-4-mini).
 SPLIT_PROJECTION = ("qkv_proj", "o_proj")
+#: The layouts by the child that names them: `(input projections, output projection candidates)`.
+_LAYOUTS = {
+    **dict.fromkeys(PROJECTIONS, (PROJECTIONS, OUTPUT_PROJECTIONS)),
+    PACKED_PROJECTION[0]: (PACKED_PROJECTION[:1], PACKED_PROJECTION[1:]),
+    SPLIT_PROJECTION[0]: (SPLIT_PROJECTION[:1], SPLIT_PROJECTION[1:]),
+}
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
@@ -575,16 +581,11 @@ def _layout_heads(
     and value rows stay whole, and a key or value projection's `name` gives `(None, why)`."""
     owner, _, leaf = name.rpartition(".")
     parent, _, child = owner.rpartition(".")
-    layouts = {
-        **dict.fromkeys(PROJECTIONS, (PROJECTIONS, OUTPUT_PROJECTIONS)),
-        PACKED_PROJECTION[0]: (PACKED_PROJECTION[:1], PACKED_PROJECTION[1:]),
-        SPLIT_PROJECTION[0]: (SPLIT_PROJECTION[:1], SPLIT_PROJECTION[1:]),
-    }
-    if leaf != "weight" or child not in layouts:
+    if leaf != "weight" or child not in _LAYOUTS:
         return None
     attention = model.get_submodule(parent)
     size = _int_attr(attention, HEAD_SIZE_ATTRS)
-    inputs, outputs = layouts[child]
+    inputs, outputs = _LAYOUTS[child]
     o_name = next((n for n in outputs if isinstance(getattr(attention, n, None), nn.Linear)), None)
     layers = [getattr(attention, n, None) for n in inputs]
     if o_name is None or size is None or not all(isinstance(m, nn.Linear) for m in layers):

@@ -401,8 +401,7 @@ def phi3_attention_masks() -> tuple[nn.Module, torch.Tensor, list[str], MaskResu
     of structured SNIP on its `qkv_proj` weights only, one of each layer's 2 units removed."""
     model, ids = decoder("Phi3Config", "Phi3ForCausalLM", **GQA), tokens()
     names = [f"model.layers.{i}.self_attn.qkv_proj.weight" for i in (0, 1)]
-    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform", parameters=names)
-    return model, ids, names, compute_masks(model, lm_loss, [ids], settings)
+    return model, ids, names, structured_snip(model, ids, allocation="uniform", parameters=names)
 
 
 def test_phi3_split_projection_removes_whole_units_and_matches_transformers_own_smaller_attention():
@@ -469,8 +468,7 @@ def test_multi_query_attention_removes_query_heads_and_their_output_columns_and_
     kept rows and columns by plain indexing."""
     model, ids = decoder("LlamaConfig", "LlamaForCausalLM", **MQA), tokens()
     names = [n for i in (0, 1) for n in attention_names(i)]
-    settings = PruningSettings(0.5, method="snip", structured=True, allocation="uniform", parameters=names)
-    result = compute_masks(model, lm_loss, [ids], settings)
+    result = structured_snip(model, ids, allocation="uniform", parameters=names)
     assert result.groups is not None
     small, by_hand = copy.deepcopy(model), copy.deepcopy(model)
     shrink(small, result.channel_masks, ids, loss_fn=lm_loss)
