@@ -121,7 +121,10 @@ PROSPR_METHODS = ("prospr", "prospr-fo", "prospr-iter")
 #: Method modifiers: a layer-wise allocation (``+erk``, ``+uniform``), the guard
 #: (``+effective``: every kept weight on a path; the default is ``connected``) and a sanity check of
 #: the mask (``+shuffle``: the kept positions permuted within each layer; ``+reinit``: fresh weights).
+#: ``+spread`` (after a per-layer allocation) spreads each layer's weights over its output units; the
+#: CSV's ``allocation`` column then reads e.g. ``balanced+spread``.
 ALLOCATION_TAGS = ("erk", "uniform", "balanced")
+SPREAD_TAG = "spread"
 GUARD_TAGS = ("effective",)
 ABLATIONS = ("shuffle", "reinit")
 #: The methods of the grid, in table order (``--methods`` takes any ``base[+allocation][+ablation]``).
@@ -173,6 +176,7 @@ class Variant:
     allocation: str = "global"
     ablation: str = "none"
     guard: str = "connected"
+    spread: bool = False
 
     @classmethod
     def parse(cls, label: str) -> Variant:
@@ -182,12 +186,18 @@ class Variant:
         allocation = [t for t in tags if t in ALLOCATION_TAGS]
         guard = [t for t in tags if t in GUARD_TAGS]
         ablation = [t for t in tags if t in ABLATIONS]
-        unknown = [t for t in tags if t not in ALLOCATION_TAGS + GUARD_TAGS + ABLATIONS]
-        if base not in BASE_METHODS or unknown or max(len(allocation), len(guard), len(ablation)) > 1:
+        spread = tags.count(SPREAD_TAG)
+        unknown = [t for t in tags if t not in (*ALLOCATION_TAGS, *GUARD_TAGS, *ABLATIONS, SPREAD_TAG)]
+        if (
+            base not in BASE_METHODS
+            or unknown
+            or max(len(allocation), len(guard), len(ablation), spread) > 1
+            or (spread and not allocation)
+        ):
             raise ValueError(
-                f"unknown method {label!r}: write base[+allocation][+effective][+ablation], base one of "
-                f"{', '.join(BASE_METHODS)}, allocation one of {', '.join(ALLOCATION_TAGS)}, ablation one "
-                f"of {', '.join(ABLATIONS)}"
+                f"unknown method {label!r}: write base[+allocation[+spread]][+effective][+ablation], "
+                f"base one of {', '.join(BASE_METHODS)}, allocation one of {', '.join(ALLOCATION_TAGS)}, "
+                f"ablation one of {', '.join(ABLATIONS)}"
             )
         if base == "dense" and tags:
             raise ValueError("`dense` takes no allocation, guard or ablation")
@@ -196,12 +206,18 @@ class Variant:
             allocation[0] if allocation else "global",
             ablation[0] if ablation else "none",
             guard[0] if guard else "connected",
+            bool(spread),
         )
+
+    @property
+    def allocation_column(self) -> str:
+        """The CSV's ``allocation`` value: the allocation, with ``+spread`` when spread."""
+        return f"{self.allocation}+{SPREAD_TAG}" if self.spread else self.allocation
 
     @property
     def label(self) -> str:
         defaults = ("global", "connected", "none")
-        tags = [t for t in (self.allocation, self.guard, self.ablation) if t not in defaults]
+        tags = [t for t in (self.allocation_column, self.guard, self.ablation) if t not in defaults]
         return "+".join([self.base, *tags])
 
 
@@ -365,7 +381,8 @@ def scoring_batches(data: Data, count: int, batch_size: int, seed: int, device: 
 def settings_for(method: str, sparsity: float, seed: int, scoring: Scoring) -> PruningSettings:
     """The engine's settings for one of this benchmark's methods (its ablation is applied after)."""
     variant = Variant.parse(method)
-    base, shared = variant.base, {"allocation": variant.allocation, "guard": variant.guard}
+    base = variant.base
+    shared = {"allocation": variant.allocation, "guard": variant.guard, "spread": variant.spread}
     if base in PROSPR_METHODS:
         return PruningSettings(
             sparsity,
@@ -472,7 +489,7 @@ def run_one(
         "dataset": spec.dataset,
         "model": spec.model,
         "method": variant.base,
-        "allocation": variant.allocation,
+        "allocation": variant.allocation_column,
         "guard": variant.guard,
         "ablation": variant.ablation,
         "sparsity": f"{spec.sparsity:g}",
@@ -743,7 +760,7 @@ def task_key(task: Task, recipe: Recipe) -> tuple[str, ...]:
         spec.model,
         spec.dataset,
         variant.base,
-        variant.allocation,
+        variant.allocation_column,
         variant.guard,
         variant.ablation,
         f"{spec.sparsity:g}",

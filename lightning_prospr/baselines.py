@@ -46,7 +46,7 @@ from lightning_prospr.errors import (
 from lightning_prospr.execution import scoring_execution
 from lightning_prospr.linearized import absolute_tensors
 from lightning_prospr.model_state import preserved_state
-from lightning_prospr.prunable import parameter_key, resolve_parameters
+from lightning_prospr.prunable import output_dim, parameter_key, resolve_parameters
 from lightning_prospr.rng import forked_torch_rng
 from lightning_prospr.selection import check_sparsity, global_masks, pruned_count, select_masks
 from lightning_prospr.stateless import LossFn, StatelessLoss
@@ -405,6 +405,7 @@ def iterative_synflow_masks(
     example_input: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     allocation: str = "global",
+    spread: bool = False,
 ) -> dict[str, Tensor]:
     """Iterative SynFlow: `rounds` rounds of scoring and pruning on an exponential schedule.
 
@@ -426,6 +427,8 @@ def iterative_synflow_masks(
         allocation: the layer densities of every round
             ([`select_masks`][lightning_prospr.selection.select_masks]): `"global"` (the paper's)
             or a per-layer budget, `"uniform"`, `"erk"` or `"balanced"`.
+        spread: spread each layer's budget evenly over its output units, every round
+            ([`spread_ranks`][lightning_prospr.selection.spread_ranks]); needs a per-layer allocation.
 
     Returns:
         `{name: bool tensor}`, `True` where the weight is kept, on each weight's device.
@@ -438,6 +441,7 @@ def iterative_synflow_masks(
     names = list(weights)
     total = sum(w.numel() for w in weights.values())
     masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    spread_dims = {n: output_dim(model, n) for n in names} if spread else None
     with preserved_state(model, weights[names[0]].device), torch.enable_grad():
         model.eval()
         synflow = _SynFlow(model, named, keys, input_shape, example_input, dtype)
@@ -446,10 +450,12 @@ def iterative_synflow_masks(
             scores = synflow.scores(masks)
             for n in names:
                 scores[n] = scores[n].masked_fill(~masks[n], -math.inf)
-            if allocation == "global":
+            if allocation == "global" and not spread:
                 new = global_masks(scores, target)
             else:
-                new = select_masks(scores, target, allocation=allocation, within=masks)
+                new = select_masks(
+                    scores, target, allocation=allocation, within=masks, spread_dims=spread_dims
+                )
             masks = {n: new[n] & masks[n] for n in names}
     kept = sum(int(m.sum()) for m in masks.values())
     if kept != total - pruned_count(sparsity, total):  # pragma: no cover - guarded by construction

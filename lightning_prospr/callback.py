@@ -77,6 +77,9 @@ class ProsprPruningCallback(Callback):
             same density in every layer), `"erk"` (RigL's Erdős–Rényi-Kernel rule) or
             `"balanced"` (the same number of weights in every layer); the scores choose within
             each layer ([`allocation`][lightning_prospr.allocation]).
+        spread: with a per-layer `allocation`, spread each layer's kept weights evenly over its
+            output units, so that none is left empty
+            ([`spread_ranks`][lightning_prospr.selection.spread_ranks]).
         pattern: `"N:M"` semi-structured masks, e.g. `"2:4"` for sparse tensor cores (N of every M
             consecutive weights along each layer's input dimension;
             [`semi_structured`][lightning_prospr.semi_structured]); `sparsity` must be $1 - N/M$,
@@ -136,6 +139,7 @@ class ProsprPruningCallback(Callback):
         structured: bool = False,
         head_sparsity: float | None = None,
         allocation: str = "global",
+        spread: bool = False,
         pattern: str | None = None,
         rounds: int | None = None,
         unrolls: int = 1,
@@ -152,7 +156,7 @@ class ProsprPruningCallback(Callback):
         self.settings = PruningSettings(
             sparsity, method, steps, lr, momentum, weight_decay, mode, parameters, structured,
             allocation, pattern, rounds, unrolls, grasp_batches, guard, layer_floor, seed,
-            head_sparsity,
+            head_sparsity, spread,
         )  # fmt: skip
         if reuse_batch and not self.settings.method_spec.data:
             raise ValueError(

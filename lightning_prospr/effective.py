@@ -120,6 +120,7 @@ def replace_dead_weights(
     within: Mapping[str, Tensor] | None = None,
     keep: Mapping[str, Tensor] | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    spread_dims: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """Masks of the same size in which every kept weight lies on an input-to-output path.
 
@@ -141,6 +142,7 @@ def replace_dead_weights(
         within: weights outside these masks stay removed.
         keep: weights that must stay (the layer-collapse guard's additions): never barred, ranked first.
         shapes: weight shapes, for `"erk"`.
+        spread_dims: the output dimensions to spread each layer's budget over, as for `select_masks`.
 
     Returns:
         The masks and the number of kept weights replaced. Tensors that no path reaches even in the
@@ -174,6 +176,7 @@ def replace_dead_weights(
             allocation=allocation,
             within=within,
             shapes=shapes,
+            spread_dims=spread_dims,
         )
     replaced = sum(int((bools[n] & ~current[n]).sum()) for n in bools)
     return current, replaced

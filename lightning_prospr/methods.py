@@ -179,6 +179,7 @@ def _synflow_rounds(run: Run) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         parameters=run.names,
         example_input=example,
         allocation=s.allocation,
+        spread=s.spread,
     )
     return masks, synflow_scores(run.model, parameters=run.names, example_input=example)
 

@@ -206,6 +206,13 @@ def _channel_groups(model: nn.Module, loss_fn: LossFn, batch: Any, names: list[s
     return groups
 
 
+def spread_dimensions(run: Run) -> dict[str, int] | None:
+    """`{name: output dimension}` of the scored weights when `settings.spread`, else `None`."""
+    if not run.settings.spread:
+        return None
+    return {n: output_dim(run.model, n) for n in run.names}
+
+
 def _select(
     run: Run, within: dict[str, Tensor] | None, score_hook: ScoreHook | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -222,11 +229,14 @@ def _select(
     scores: dict[str, Tensor] = {}
     named = dict(run.model.named_parameters())
     shapes = {n: tuple(named[parameter_key(named, n)].shape) for n in run.names}
+    spread = spread_dimensions(run)
     for target in density_schedule(settings.sparsity, settings.rounds_used):
         scores = method.score(run, current)
         if score_hook is not None:
             scores = score_hook(scores)
-        masks = select_masks(scores, target, allocation=settings.allocation, within=current, shapes=shapes)
+        masks = select_masks(
+            scores, target, allocation=settings.allocation, within=current, shapes=shapes, spread_dims=spread
+        )
         current = masks
     return masks, scores
 
@@ -283,6 +293,7 @@ def _guard(
             within=within,
             keep={n: repaired[n] & ~masks[n] for n in repaired},
             shapes={n: tuple(named[parameter_key(named, n)].shape) for n in repaired},
+            spread_dims=spread_dimensions(run),
         )
     return repaired, report
 

@@ -109,6 +109,12 @@ class PruningSettings:
             a head's score sums several head-size rows, so heads are rarely removed (the
             shrinking guide's "Attention heads"). Needs a model whose heads are found (it is an
             error otherwise).
+        spread: with a per-layer `allocation`, spread each layer's kept weights evenly over its
+            output units: every unit of a layer that keeps $k$ weights over $u$ units keeps
+            $\\lfloor k/u \\rfloor$ or $\\lceil k/u \\rceil$, its best-scored ones
+            ([`spread_ranks`][lightning_prospr.selection.spread_ranks]). A top-$k$ by score can
+            leave whole output channels empty at extreme sparsity, where a random mask keeps them
+            all; the guard's additions come on top.
 
     Example:
         >>> from lightning_prospr import PruningSettings
@@ -140,6 +146,7 @@ class PruningSettings:
     layer_floor: int = 1
     seed: int = 0
     head_sparsity: float | None = None
+    spread: bool = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
@@ -177,6 +184,8 @@ class PruningSettings:
             _integer("rounds", self.rounds, 1)
         if self.head_sparsity is not None:
             check_sparsity(self.head_sparsity, "head_sparsity")
+        if not isinstance(self.spread, bool):
+            raise TypeError(f"`spread` must be True or False, got {type(self.spread).__name__}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__}.")
         if self.parameters is not None and (isinstance(self.parameters, str) or not self.parameters):
@@ -215,6 +224,12 @@ class PruningSettings:
             )
         if self.pattern is not None:
             self._check_pattern()
+        if self.spread and (self.allocation == "global" or self.structured):
+            raise ValueError(
+                "`spread` spreads each layer's budget over its output units, so it needs single "
+                "weights and a per-layer budget: pass allocation='uniform', 'erk' or 'balanced' "
+                "(and structured=False), or leave spread=False."
+            )
         if self.head_sparsity is not None and not self.structured:
             raise ValueError(
                 "`head_sparsity` removes whole attention heads and needs structured=True; leave it "
@@ -281,6 +296,8 @@ class PruningSettings:
         if self.head_sparsity is not None:
             parts.append(f"head sparsity {self.head_sparsity:g}")
         parts.append(f"pattern {self.pattern}" if self.pattern else f"{self.allocation} allocation")
+        if self.spread:
+            parts.append("spread over output units")
         if self.unrolls > 1:
             parts.append(f"{self.unrolls} unrolls")
         if self.grasp_batches > 1:

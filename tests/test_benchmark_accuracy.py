@@ -247,11 +247,26 @@ def test_method_labels_name_method_allocation_and_ablation() -> None:
     variant = module.Variant.parse("prospr-iter+erk+shuffle")
     assert (variant.base, variant.allocation, variant.ablation) == ("prospr-iter", "erk", "shuffle")
     assert module.Variant.parse("snip+shuffle+uniform").label == "snip+uniform+shuffle"
-    for bad in ("prospr+erk+uniform", "dense+erk", "prospr+magic", "snap"):
+    for bad in (
+        "prospr+erk+uniform",
+        "dense+erk",
+        "prospr+magic",
+        "snap",
+        "prospr+spread",
+        "snip+erk+spread+spread",
+    ):
         with pytest.raises(ValueError):
             module.Variant.parse(bad)
     settings = module.settings_for("synflow+erk", 0.99, 0, module.Scoring(synflow_rounds=7))
     assert (settings.method, settings.allocation, settings.rounds) == ("synflow", "erk", 7)
+    # +spread follows the allocation in the label and in the CSV's allocation column.
+    spread = module.Variant.parse("prospr-iter+effective+spread+balanced")
+    assert spread.label == "prospr-iter+balanced+spread+effective"
+    assert spread.allocation_column == "balanced+spread"
+    row = {"method": "prospr-iter", "allocation": "balanced+spread", "guard": "effective", "ablation": "none"}
+    assert module.row_label(row) == spread.label
+    settings = module.settings_for(spread.label, 0.98, 0, module.Scoring())
+    assert (settings.allocation, settings.spread, settings.guard) == ("balanced", True, "effective")
 
 
 def test_verdict_chooses_our_variant_on_validation_and_the_baseline_on_test() -> None:
